@@ -1,0 +1,62 @@
+"""Fuse one focus stack into an all-in-focus image and a depth map.
+
+    python predict_one_stack.py --input_dir examples/stack --output_dir results
+
+The input is a folder of slices (sorted by the numbers in their names) or a
+multi-page TIFF. Six outputs are written, as released: fused gray, depth
+map, color fused image, depth colormap, index .npy and index picture.
+"""
+import argparse
+import time
+from pathlib import Path
+
+from inference import OUTPUT_KINDS, fuse_images, render_outputs
+from model import load_model
+from utils import ensure_output_dir, read_stack, run_cli, select_device, write_image, write_npy
+
+DEFAULT_MODEL = "model.pth"
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    io = parser.add_argument_group("input and output")
+    io.add_argument("--input_dir", type=str, required=True,
+                    help="folder of slices (natural file-name order) or a multi-page TIFF")
+    io.add_argument("--output_dir", type=str, default="./results", help="where the six outputs go")
+    io.add_argument("--fixed_names", action="store_true",
+                    help="write fused_gray.png, depth_map.png, ... instead of names with a timestamp")
+    io.add_argument("--reverse", action="store_true",
+                    help="save 1 - depth and N-1 - index (for stacks ordered far to near)")
+    run = parser.add_argument_group("model")
+    run.add_argument("--model_path", type=str, default=DEFAULT_MODEL, help="StackMFF-V2 checkpoint")
+    run.add_argument("--device", type=str, default=None, help="cpu, cuda, cuda:1, mps (default: best available)")
+    return parser
+
+
+def output_paths(output_dir: Path, fixed_names: bool) -> dict:
+    suffix = "" if fixed_names else time.strftime("_%Y%m%d_%H%M%S")
+    return {stem: output_dir / f"{stem}{suffix}{ext}" for stem, _, ext in OUTPUT_KINDS}
+
+
+def write_outputs(outputs: dict, paths: dict):
+    for stem, path in paths.items():
+        (write_npy if path.suffix == ".npy" else write_image)(path, outputs[stem])
+
+
+def main(args):
+    device = select_device(args.device)
+    images, names = read_stack(args.input_dir)
+    model = load_model(args.model_path, device)
+    output_dir = ensure_output_dir(args.output_dir)
+    start = time.perf_counter()
+    result = fuse_images(model, images, device)
+    elapsed = time.perf_counter() - start
+    paths = output_paths(output_dir, args.fixed_names)
+    write_outputs(render_outputs(result, images, args.reverse), paths)
+    h, w = images[0].shape[:2]
+    print(f"fused {len(images)} slices of {w}x{h} in {elapsed:.2f} s on {device}; outputs in {output_dir}")
+    return paths
+
+
+if __name__ == "__main__":
+    run_cli(main, get_args_parser())
