@@ -1,0 +1,1 @@
+"""Training-data synthesis and preparation scripts for StackMFF-V2."""
