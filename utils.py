@@ -258,12 +258,18 @@ def _atomic_write_bytes(path, data: bytes):
         raise
 
 
-def write_image(path, image: np.ndarray):
-    """Write an image atomically; the format follows the extension (8 or 16 bit)."""
+def write_image(path, image: np.ndarray, params=()):
+    """Write an image atomically; the format follows the extension (8 or 16 bit).
+
+    ``params`` are OpenCV encoder flags, e.g. (cv2.IMWRITE_JPEG_QUALITY, 95).
+    """
     path = Path(path)
-    ok, encoded = cv2.imencode(path.suffix or ".png", image)
+    try:
+        ok, encoded = cv2.imencode(path.suffix or ".png", image, list(params))
+    except cv2.error:
+        ok = False
     if not ok:
-        raise InputError(f"cannot encode an image as '{path.suffix}' for '{path}'")
+        raise InputError(f"cannot encode a {image.dtype} image of shape {image.shape} as '{path.suffix}' for '{path}'")
     _atomic_write_bytes(path, encoded.tobytes())
 
 

@@ -1,0 +1,58 @@
+"""Shared test fixtures: paths to ../shared, the official model, tiny stacks."""
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+OFFICIAL_WEIGHTS = SHARED / "reference" / "official" / "model.pth"
+PARITY = SHARED / "reference" / "parity"
+DATA = SHARED / "data"
+
+sys.path.insert(0, str(REPO))
+# Two cores are shared by everything on the test machine: keep each test lean.
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def requires(path: Path, what: str):
+    return pytest.mark.skipif(not path.exists(), reason=f"{what} not found at {path}")
+
+
+requires_official = requires(OFFICIAL_WEIGHTS, "the official StackMFF-V2 weights")
+requires_parity = requires(PARITY, "the parity reference data")
+
+
+@pytest.fixture(scope="session")
+def official_model():
+    if not OFFICIAL_WEIGHTS.exists():
+        pytest.skip(f"the official StackMFF-V2 weights not found at {OFFICIAL_WEIGHTS}")
+    from model import load_model
+    return load_model(OFFICIAL_WEIGHTS, "cpu")
+
+
+@pytest.fixture(scope="session")
+def random_weights(tmp_path_factory):
+    """A randomly initialised StackMFF-V2 state dict saved to disk (fixed seed)."""
+    from model import StackMFFV2
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "random.pth"
+    torch.save(StackMFFV2().state_dict(), path)
+    return path
+
+
+def textured_stack(num_slices=4, height=40, width=48, channels=3, dtype=np.uint8, seed=0):
+    """A small random colour stack, each slice a different blur of one texture."""
+    import cv2
+    rng = np.random.default_rng(seed)
+    top = np.iinfo(dtype).max
+    shape = (height, width, channels) if channels > 1 else (height, width)
+    base = rng.integers(0, top, size=shape, dtype=np.int64).astype(np.float64)
+    slices = []
+    for k in range(num_slices):
+        blurred = cv2.GaussianBlur(base, (0, 0), 0.5 + k) if k else base
+        slices.append(np.clip(blurred, 0, top).astype(dtype))
+    return slices

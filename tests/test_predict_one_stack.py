@@ -1,0 +1,110 @@
+"""predict_one_stack.py end to end: outputs, formats, bit depth and clear errors."""
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+
+from conftest import REPO, textured_stack
+from utils import write_image
+
+SCRIPT = str(REPO / "predict_one_stack.py")
+OUTPUTS = ("fused_gray.png", "depth_map.png", "color_fused.png", "depth_colormap.png",
+           "depth_index.npy", "depth_index_vis.png")
+
+
+def run(*args):
+    return subprocess.run([sys.executable, SCRIPT, "--device", "cpu", *map(str, args)],
+                          capture_output=True, text=True)
+
+
+def write_stack(folder, slices, ext=".png"):
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, s in enumerate(slices, start=1):
+        write_image(folder / f"{k}{ext}", s)
+    return folder
+
+
+@pytest.mark.parametrize("dtype, channels", [(np.uint8, 3), (np.uint16, 3), (np.uint16, 1)])
+def test_six_outputs_keep_bit_depth(tmp_path, random_weights, dtype, channels):
+    slices = textured_stack(3, 40, 48, channels=channels, dtype=dtype)
+    stack = write_stack(tmp_path / "stack", slices)
+    result = run("--input_dir", stack, "--output_dir", tmp_path / "out", "--model_path", random_weights,
+                 "--fixed_names")
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(OUTPUTS)
+    color = cv2.imread(str(tmp_path / "out" / "color_fused.png"), cv2.IMREAD_UNCHANGED)
+    assert color.dtype == dtype and color.shape == slices[0].shape
+    index = np.load(tmp_path / "out" / "depth_index.npy")
+    assert index.shape == (40, 48) and index.min() >= 0 and index.max() <= 2
+    # every colour-fused pixel is the pixel of the slice its index names
+    expected = np.take_along_axis(np.stack(slices), index.reshape((1, 40, 48) + (1,) * (channels > 1)), 0)[0]
+    np.testing.assert_array_equal(color, expected)
+    assert cv2.imread(str(tmp_path / "out" / "depth_map.png"), cv2.IMREAD_UNCHANGED).dtype == np.uint8
+
+
+def test_reverse_flips_depth_and_index(tmp_path, random_weights):
+    stack = write_stack(tmp_path / "stack", textured_stack(4, 32, 32))
+    for flag, name in (((), "plain"), (("--reverse",), "rev")):
+        assert run("--input_dir", stack, "--output_dir", tmp_path / name, "--model_path", random_weights,
+                   "--fixed_names", *flag).returncode == 0
+    plain, rev = (np.load(tmp_path / n / "depth_index.npy") for n in ("plain", "rev"))
+    np.testing.assert_array_equal(rev, 3 - plain)
+    np.testing.assert_array_equal(cv2.imread(str(tmp_path / "plain" / "color_fused.png")),
+                                  cv2.imread(str(tmp_path / "rev" / "color_fused.png")))
+
+
+def test_timestamped_names_by_default(tmp_path, random_weights):
+    stack = write_stack(tmp_path / "stack", textured_stack(2, 32, 32), ext=".jpg")
+    assert run("--input_dir", stack, "--output_dir", tmp_path / "out", "--model_path", random_weights).returncode == 0
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert len(names) == 6 and all(n.count("_20") == 1 for n in names)
+
+
+def test_multipage_tiff_input(tmp_path, random_weights):
+    assert cv2.imwritemulti(str(tmp_path / "stack.tif"), textured_stack(3, 32, 40))
+    result = run("--input_dir", tmp_path / "stack.tif", "--output_dir", tmp_path / "out",
+                 "--model_path", random_weights, "--fixed_names")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "out" / "color_fused.png").exists()
+
+
+def assert_clean_failure(result, words, out_dir):
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().count("\n") == 0 and words in result.stderr
+    assert not out_dir.exists() or not any(out_dir.iterdir())
+
+
+class TestBadInput:
+    def test_missing_folder(self, tmp_path, random_weights):
+        result = run("--input_dir", tmp_path / "nope", "--output_dir", tmp_path / "out", "--model_path", random_weights)
+        assert_clean_failure(result, "does not exist", tmp_path / "out")
+
+    def test_empty_folder(self, tmp_path, random_weights):
+        (tmp_path / "empty").mkdir()
+        result = run("--input_dir", tmp_path / "empty", "--output_dir", tmp_path / "out", "--model_path", random_weights)
+        assert_clean_failure(result, "holds no images", tmp_path / "out")
+
+    def test_one_image(self, tmp_path, random_weights):
+        stack = write_stack(tmp_path / "stack", textured_stack(1))
+        result = run("--input_dir", stack, "--output_dir", tmp_path / "out", "--model_path", random_weights)
+        assert_clean_failure(result, "at least 2", tmp_path / "out")
+
+    def test_mixed_sizes(self, tmp_path, random_weights):
+        stack = write_stack(tmp_path / "stack", textured_stack(2, 32, 32) + textured_stack(1, 32, 40))
+        result = run("--input_dir", stack, "--output_dir", tmp_path / "out", "--model_path", random_weights)
+        assert_clean_failure(result, "mixes image sizes", tmp_path / "out")
+
+    def test_unreadable_image(self, tmp_path, random_weights):
+        stack = write_stack(tmp_path / "stack", textured_stack(2))
+        (stack / "3.png").write_bytes(b"\x89PNG truncated")
+        result = run("--input_dir", stack, "--output_dir", tmp_path / "out", "--model_path", random_weights)
+        assert_clean_failure(result, "3.png", tmp_path / "out")
+
+    def test_wrong_checkpoint(self, tmp_path):
+        stack = write_stack(tmp_path / "stack", textured_stack(2))
+        (tmp_path / "bad.pth").write_text("hello")
+        result = run("--input_dir", stack, "--output_dir", tmp_path / "out", "--model_path", tmp_path / "bad.pth")
+        assert_clean_failure(result, "bad.pth", tmp_path / "out")
