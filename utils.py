@@ -48,6 +48,8 @@ def list_images(folder):
     """Image files directly in ``folder``, in natural order; InputError if none."""
     folder = Path(folder)
     if not folder.exists():
+        if os.path.islink(folder):
+            raise InputError(f"input folder '{folder}' is a broken symbolic link or a link loop")
         raise InputError(f"input folder '{folder}' does not exist")
     if not folder.is_dir():
         raise InputError(f"'{folder}' is not a folder")
@@ -241,20 +243,29 @@ def index_picture(index: np.ndarray, num_slices: int) -> np.ndarray:
 # ----------------------------------------------------------------------------- writing
 
 def _atomic_write_bytes(path, data: bytes):
-    """Write to a temporary file in the same folder, then rename over ``path``."""
+    """Write to a temporary file in the same folder, then rename over ``path``.
+
+    A reader never sees a partial file, and a failure (disk full, no
+    permission, an interrupt) leaves no temporary file behind. OS errors
+    become an InputError naming the file.
+    """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+    except BaseException as exc:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+        if isinstance(exc, OSError):
+            raise InputError(f"cannot write '{path}': {exc.strerror or exc}") from None
         raise
 
 

@@ -1,0 +1,143 @@
+"""Hostile input: random bytes, random shapes, odd paths, failing disks."""
+import errno
+import os
+
+import cv2
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import utils
+from conftest import textured_stack
+from utils import InputError, read_image, read_stack, write_image
+
+FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@FUZZ
+@given(data=st.binary(min_size=0, max_size=2048), ext=st.sampled_from(utils.IMAGE_EXTENSIONS))
+def test_random_bytes_never_escape_as_other_errors(tmp_path, data, ext):
+    path = tmp_path / f"x{ext}"
+    path.write_bytes(data)
+    try:
+        image = read_image(path)
+    except InputError:
+        return
+    assert image.dtype in (np.uint8, np.uint16) and image.ndim in (2, 3)
+
+
+@FUZZ
+@given(prefix=st.sampled_from([b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"II*\x00", b"BM", b"RIFF", b"P6\n"]),
+       tail=st.binary(min_size=0, max_size=512))
+def test_corrupt_files_with_real_magic_numbers(tmp_path, prefix, tail):
+    path = tmp_path / "x.png"
+    path.write_bytes(prefix + tail)
+    try:
+        read_image(path)
+    except InputError:
+        pass
+
+
+@FUZZ
+@given(height=st.integers(1, 40), width=st.integers(1, 40), channels=st.sampled_from([1, 3, 4]),
+       dtype=st.sampled_from([np.uint8, np.uint16]), count=st.integers(0, 4),
+       ext=st.sampled_from([".png", ".tif", ".bmp", ".jpg", ".webp", ".ppm", ".pgm"]))
+def test_random_stacks_read_or_fail_cleanly(tmp_path, height, width, channels, dtype, count, ext):
+    folder = tmp_path / f"s{height}_{width}_{channels}_{count}{ext[1:]}{np.dtype(dtype).itemsize}"
+    folder.mkdir()
+    rng = np.random.default_rng(height * 100 + width)
+    shape = (height, width) if channels == 1 else (height, width, channels)
+    written = 0
+    for k in range(count):
+        image = rng.integers(0, np.iinfo(dtype).max, size=shape, endpoint=True).astype(dtype)
+        try:
+            write_image(folder / f"{k}{ext}", image)
+            written += 1
+        except InputError:
+            pass  # the format cannot hold this image (e.g. 16-bit BMP): nothing written
+    try:
+        images, names = read_stack(folder)
+    except InputError:
+        return
+    assert len(images) == written >= 2
+    assert all(im.shape[:2] == (height, width) for im in images)
+
+
+def test_truncated_files_are_rejected(tmp_path):
+    image = textured_stack(1, 64, 64)[0]
+    for ext in (".png", ".jpg", ".tif", ".webp"):
+        ok, encoded = cv2.imencode(ext, image)
+        data = encoded.tobytes()
+        (tmp_path / f"t{ext}").write_bytes(data[: len(data) * 3 // 4])
+        with pytest.raises(InputError, match="not a readable image"):
+            read_image(tmp_path / f"t{ext}")
+
+
+def test_wrong_extension_is_read_by_content(tmp_path):
+    image = textured_stack(1, 16, 16)[0]
+    ok, encoded = cv2.imencode(".png", image)
+    (tmp_path / "really_a_png.jpg").write_bytes(encoded.tobytes())
+    np.testing.assert_array_equal(read_image(tmp_path / "really_a_png.jpg"), image)
+
+
+def test_paths_with_spaces_and_non_ascii(tmp_path):
+    folder = tmp_path / "photos été" / "pile ü 1"
+    folder.mkdir(parents=True)
+    for k, s in enumerate(textured_stack(2, 8, 8), start=1):
+        write_image(folder / f"slice {k}.png", s)
+    images, names = read_stack(folder)
+    assert names == ["slice 1.png", "slice 2.png"]
+
+
+def test_symlink_loop(tmp_path):
+    os.symlink(tmp_path / "b", tmp_path / "a")
+    os.symlink(tmp_path / "a", tmp_path / "b")
+    with pytest.raises(InputError, match="link loop"):
+        read_stack(tmp_path / "a")
+
+
+def test_disk_full_leaves_no_file(tmp_path, monkeypatch):
+    real_fdopen = os.fdopen
+
+    class FullDisk:
+        def __init__(self, fd, mode):
+            self.file = real_fdopen(fd, mode)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(utils.os, "fdopen", FullDisk)
+    with pytest.raises(InputError, match="No space left on device"):
+        write_image(tmp_path / "a.png", np.zeros((4, 4), np.uint8))
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write into read-only folders")
+def test_unwritable_output_folder(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        with pytest.raises(InputError, match="not writable|cannot write"):
+            utils.ensure_output_dir(locked)
+    finally:
+        locked.chmod(0o700)
+
+
+def test_output_path_that_is_a_file(tmp_path):
+    (tmp_path / "taken").write_text("a file, not a folder")
+    with pytest.raises(InputError, match="cannot create output folder"):
+        utils.ensure_output_dir(tmp_path / "taken" / "out")
+
+
+def test_output_folder_that_cannot_be_created_even_by_root():
+    # /proc accepts no new folders whoever asks, so this also runs as root (CI).
+    with pytest.raises(InputError, match="cannot create output folder"):
+        utils.ensure_output_dir("/proc/stackmff_output_test/out")
