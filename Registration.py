@@ -41,6 +41,8 @@ ECC_MOTIONS = {"affine": cv2.MOTION_AFFINE, "homography": cv2.MOTION_HOMOGRAPHY}
 
 BLANK_STD = 1e-3         # gray standard deviation (range 0..1) below which a frame shows nothing to align on
 MIN_MATCHES = 10         # fewest RANSAC inliers accepted for a feature-based transform
+WELL_MATCHED = 50        # inliers from which a direct first-to-last zoom match is trusted
+ZOOM_MATCH_SIZE = 1024   # long side of the copies the zoom is measured on
 MAX_SCALE_CHANGE = 2.0   # a transform that zooms by more than this, either way, is rejected as wrong
 MAX_SHIFT_FRACTION = 0.25  # ... and so is one that moves the image centre by more than this share of its size
 ECC_MIN_SIZE = 48        # coarsest pyramid level keeps at least this many pixels on its short side
@@ -155,16 +157,26 @@ def _to_uint8(gray) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- released method
 
-def measure_zoom(gray_a, gray_b):
-    """Magnification of frame b relative to frame a from SIFT matches.
+def sift_features(gray):
+    """(keypoints, descriptors) of a float32 HxW image in [0, 1]; descriptors may be None.
 
-    gray_a, gray_b: float32 HxW in [0, 1]. Returns the scale of the similarity
-    that maps a's features onto b's (> 1: b is magnified), or None when too
-    few features match.
+    Large frames are shrunk to ZOOM_MATCH_SIZE on their long side first: only
+    the ratio of scales is measured, which shrinking leaves unchanged.
     """
-    sift = cv2.SIFT_create(nfeatures=4000)
-    keys_a, desc_a = sift.detectAndCompute(_to_uint8(gray_a), None)
-    keys_b, desc_b = sift.detectAndCompute(_to_uint8(gray_b), None)
+    shrink = ZOOM_MATCH_SIZE / max(gray.shape)
+    if shrink < 1:
+        gray = cv2.resize(gray, None, fx=shrink, fy=shrink, interpolation=cv2.INTER_AREA)
+    return cv2.SIFT_create(nfeatures=4000).detectAndCompute(_to_uint8(gray), None)
+
+
+def match_zoom(features_a, features_b):
+    """Magnification of frame b relative to frame a from matched SIFT features.
+
+    Returns (scale, inliers): the scale of the similarity that maps a's
+    features onto b's (> 1: b is magnified) and its RANSAC support, or None
+    when fewer than MIN_MATCHES features agree.
+    """
+    (keys_a, desc_a), (keys_b, desc_b) = features_a, features_b
     if desc_a is None or desc_b is None or len(keys_a) < 2 or len(keys_b) < 2:
         return None
     pairs = cv2.BFMatcher(cv2.NORM_L2).knnMatch(desc_a, desc_b, k=2)
@@ -177,7 +189,31 @@ def measure_zoom(gray_a, gray_b):
                                                  ransacReprojThreshold=2.0, refineIters=20)
     if model is None or int(inliers.sum()) < MIN_MATCHES:
         return None
-    return float(np.hypot(model[0, 0], model[1, 0]))
+    return float(np.hypot(model[0, 0], model[1, 0])), int(inliers.sum())
+
+
+def total_zoom(grays, frames):
+    """Magnification of frame ``frames[-1]`` relative to ``frames[0]``, or None.
+
+    As released, the two outer frames are matched directly. In real stacks
+    they are often sharp in different places and share few features, so when
+    that match has fewer than WELL_MATCHED inliers the product of the zooms
+    between neighbouring frames (which share most of their focus) is used.
+    """
+    features = {k: sift_features(grays[k]) for k in (frames[0], frames[-1])}
+    direct = match_zoom(features[frames[0]], features[frames[-1]])
+    if direct is not None and direct[1] >= WELL_MATCHED:
+        return direct[0]
+    total = 1.0
+    for a, b in zip(frames, frames[1:]):
+        for k in (a, b):
+            if k not in features:
+                features[k] = sift_features(grays[k])
+        step = match_zoom(features[a], features[b])
+        if step is None:
+            return None if direct is None else direct[0]
+        total *= step[0]
+    return total
 
 
 _LK_PARAMS = dict(winSize=(21, 21), maxLevel=3,
@@ -238,7 +274,7 @@ def released_transforms(grays, reference="first", smoothing_radius=None, progres
     first, last = valid[0], valid[-1]
 
     # Coarse step: total zoom between the outer frames, spread linearly over the frame number.
-    total = measure_zoom(grays[first], grays[last])
+    total = total_zoom(grays, valid)
     if total is None or not 1 / MAX_SCALE_CHANGE < total < MAX_SCALE_CHANGE:
         _warn(f"too few features match between frames {first} and {last} to measure the zoom; "
               "the zoom step is skipped")

@@ -21,8 +21,9 @@ from skimage import data
 
 from make_datasets.synthesis import released_stack
 from predict_one_stack import get_args_parser as predict_args_parser
-from Registration import (RegistrationWarning, align_stack, estimate_transforms, map_points, warp_frame)
-from utils import InputError, read_image, write_image
+from Registration import (RegistrationWarning, align_stack, estimate_transforms, map_points, match_zoom,
+                          sift_features, total_zoom, warp_frame)
+from utils import InputError, read_image, to_gray_float, write_image
 
 REPO = Path(__file__).resolve().parents[1]
 OFFICIAL_MODEL = REPO.parent / "shared" / "reference" / "official" / "model.pth"
@@ -132,6 +133,19 @@ class TestReleasedMethod:
         scales = 1.0 / np.linspace(1.0, 1.05, n)
         frames, geometry = make_stack(scales, np.zeros(n), rng.uniform(-2, 2, (n, 2)))
         transforms = estimate_transforms(frames, method="released")
+        assert residuals(transforms, geometry, 0).max() <= 1.0
+
+    def test_zoom_is_chained_when_outer_frames_share_no_detail(self):
+        # 12 slices of the coffee photo: the first and last frames are sharp in
+        # opposite thirds and do not match directly; neighbours do.
+        n = 12
+        frames, geometry = make_stack(1.0 / np.linspace(1.0, 1.05, n), np.zeros(n), np.zeros((n, 2)), name="coffee")
+        grays = [to_gray_float(f) for f in frames]
+        assert match_zoom(sift_features(grays[0]), sift_features(grays[-1])) is None
+        assert total_zoom(grays, list(range(n))) == pytest.approx(1.05, abs=0.003)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RegistrationWarning)      # no fallback taken
+            transforms = estimate_transforms(frames, method="released")
         assert residuals(transforms, geometry, 0).max() <= 1.0
 
     def test_zoom_step_crops_to_the_most_magnified_view(self):
