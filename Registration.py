@@ -8,11 +8,13 @@ size, bit depth (8 or 16) and colour. Two methods:
 
 - ``released`` (default), as in the authors' release: a coarse zoom step
   (SIFT matches between the first and the last frame give the total scale
-  change of focus breathing; it is spread linearly over the stack, and every
-  frame is rescaled about the centre and centre-cropped to the common field
-  of view of the most magnified frame), then a fine step (corners tracked
-  between consecutive frames give a similarity transform per step; their
-  chain is the camera trajectory, which is removed).
+  change of focus breathing, chained through neighbouring frames when the
+  outer two share too little detail; it is spread linearly over the stack,
+  and every frame is rescaled about the centre and centre-cropped to the
+  common field of view of the most magnified frame), then a fine step
+  (corners tracked between consecutive frames give a similarity transform
+  per step; their chain is the camera trajectory, which is removed, or
+  smoothed as a video stabiliser does with ``--smoothing_radius``).
 - ``ecc``: every frame is registered directly to one reference frame with
   OpenCV's ECC (affine or homography), coarse to fine on an image pyramid.
 

@@ -71,6 +71,14 @@ def make_stack(scales, angles, shifts, name="astronaut", gray=False, bits=8):
     return frames, geometry
 
 
+def write_stack(folder, frames, name="{}.png"):
+    """Write frames as a stack folder (numbered from 1) and return the folder."""
+    folder.mkdir(exist_ok=True)
+    for k, f in enumerate(frames):
+        write_image(folder / name.format(k + 1), f)
+    return folder
+
+
 def residuals(transforms, geometry, ref):
     """Mean corner displacement (px) of every frame relative to frame ``ref``."""
     corners = np.array([[0, 0], [SIZE - 1, 0], [SIZE - 1, SIZE - 1], [0, SIZE - 1]], dtype=float)
@@ -259,9 +267,7 @@ class TestPixelFormats:
 
     def test_folder_input(self, tmp_path):
         frames, geometry = make_stack(*shaky_breathing(n=3, zoom=0.02, shake=2.0, turn=0.0, seed=5))
-        for k, f in enumerate(frames):
-            write_image(tmp_path / f"{k + 1}.png", f)
-        from_folder = align_stack(tmp_path, method="ecc")
+        from_folder = align_stack(write_stack(tmp_path / "stack", frames), method="ecc")
         from_list = align_stack(frames, method="ecc")
         assert all(np.array_equal(a, b) for a, b in zip(from_folder, from_list))
 
@@ -273,10 +279,7 @@ class TestCommandLine:
 
     def test_folder_to_numbered_frames(self, tmp_path):
         frames, _ = make_stack(*shaky_breathing(n=3, zoom=0.02, shake=2.0, turn=0.0, seed=6))
-        stack = tmp_path / "stack"
-        stack.mkdir()
-        for k, f in enumerate(frames):
-            write_image(stack / f"slice{k + 1}.png", f)
+        stack = write_stack(tmp_path / "stack", frames, "slice{}.png")
         out = tmp_path / "aligned"
         result = self.run(stack, "-o", out)
         assert result.returncode == 0, result.stderr
@@ -302,10 +305,7 @@ class TestPredictOption:
     @pytest.mark.skipif(not OFFICIAL_MODEL.exists(), reason="needs ../shared/reference/official/model.pth")
     def test_predict_one_stack_aligns_before_fusing(self, tmp_path):
         frames, _ = make_stack(*shaky_breathing(n=3, zoom=0.02, shake=2.0, turn=0.0, seed=7))
-        stack = tmp_path / "stack"
-        stack.mkdir()
-        for k, f in enumerate(frames):
-            write_image(stack / f"{k + 1}.png", f)
+        stack = write_stack(tmp_path / "stack", frames)
         result = subprocess.run([sys.executable, str(REPO / "predict_one_stack.py"), "--input_dir", str(stack),
                                  "--output_dir", str(tmp_path / "out"), "--model_path", str(OFFICIAL_MODEL),
                                  "--device", "cpu", "--fixed_names", "--align", "ecc"],
