@@ -1,0 +1,186 @@
+"""Pieces shared by make_dataset.py and the prepare_*.py scripts.
+
+Listing source files, pairing images with depth maps by stem, turning metric
+or 16-bit depth into the 8-bit convention of this project (0 = near,
+255 = far), atomic copies and stack folders, and the batch loop that goes on
+past a bad item and reports it at the end. Image reading and writing
+themselves live in utils.py.
+"""
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+from tqdm import tqdm
+
+from utils import InputError, is_image_file, list_images, natural_sort_key, read_image, write_image
+
+
+# ----------------------------------------------------------------------------- listing
+
+def require_dir(path, what="input folder") -> Path:
+    """The folder as a Path; InputError naming ``what`` when it is missing."""
+    path = Path(path)
+    if not path.is_dir():
+        raise InputError(f"{what} '{path}' does not exist or is not a folder")
+    return path
+
+
+def find_files(root, pattern, what):
+    """Files under ``root`` matching a glob ``pattern``, in natural order; InputError if none."""
+    root = require_dir(root, what)
+    files = sorted((p for p in root.glob(pattern) if p.is_file() and not p.name.startswith(".")),
+                   key=lambda p: [natural_sort_key(part) for part in p.relative_to(root).parts])
+    if not files:
+        raise InputError(f"no files matching '{pattern}' under {what} '{root}'")
+    return files
+
+
+def images_by_stem(folder) -> dict:
+    """{stem: path} of the images directly in ``folder``; InputError when two share a stem."""
+    found = {}
+    for path in list_images(folder):
+        if path.stem in found:
+            raise InputError(f"'{found[path.stem].name}' and '{path.name}' in '{folder}' share the name "
+                             f"'{path.stem}'; keep one")
+        found[path.stem] = path
+    return found
+
+
+def pair_by_stem(image_dir, depth_dir):
+    """[(name, image path, depth path or None)] for every image, in natural order.
+
+    The depth map of ``<image_dir>/<name>.<ext>`` is ``<depth_dir>/<name>.<any image ext>``;
+    a missing one is reported per scene by the caller.
+    """
+    require_dir(depth_dir, "depth folder")
+    images = images_by_stem(image_dir)
+    depths = {p.stem: p for p in Path(depth_dir).iterdir() if p.is_file() and is_image_file(p)}
+    return [(name, path, depths.get(name)) for name, path in images.items()]
+
+
+# ----------------------------------------------------------------------------- depth
+
+def fill_invalid(values: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Replace invalid pixels by the value of the nearest valid pixel (float HxW)."""
+    if valid.all():
+        return values
+    if not valid.any():
+        raise InputError("the depth map has no valid pixel")
+    _, (rows, cols) = ndimage.distance_transform_edt(~valid, return_indices=True)
+    return values[rows, cols]
+
+
+def normalize_depth(values: np.ndarray, valid=None, inverse=False) -> np.ndarray:
+    """Metric depth (float HxW, larger = farther) -> uint8 HxW, 0 = nearest, 255 = farthest.
+
+    Min-max over the valid pixels (finite, > 0, and ``valid`` where given);
+    invalid pixels take the nearest valid value. ``inverse`` spaces the levels
+    in inverse depth (dioptres), the scale in which a lens's blur is linear.
+    A flat map becomes all zeros.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    ok = np.isfinite(values) & (values > 0)
+    if valid is not None:
+        ok &= np.asarray(valid, dtype=bool)
+    values = fill_invalid(np.where(ok, values, 0.0), ok)
+    if inverse:
+        values = -1.0 / values  # increasing with distance, linear in dioptres
+    low, high = values.min(), values.max()
+    if high <= low:
+        return np.zeros(values.shape, dtype=np.uint8)
+    return np.floor((values - low) / (high - low) * 255.0 + 0.5).astype(np.uint8)
+
+
+def read_depth_8bit(path, invert=False) -> np.ndarray:
+    """A depth picture -> uint8 HxW, 0 = near.
+
+    8-bit maps are used as they are; 16-bit maps are min-max scaled to 0..255.
+    ``invert`` flips a map whose bright pixels are near (relative inverse depth,
+    as Depth Anything V2 writes it). A colour picture is refused unless its
+    three channels are equal (a colour-mapped depth cannot be read back).
+    """
+    depth = read_image(path)
+    if depth.ndim == 3:
+        if not (np.array_equal(depth[..., 0], depth[..., 1]) and np.array_equal(depth[..., 0], depth[..., 2])):
+            raise InputError(f"depth map '{path}' is a colour picture; give a gray depth map")
+        depth = depth[..., 0]
+    if depth.dtype == np.uint16:
+        low, high = int(depth.min()), int(depth.max())
+        scaled = (depth.astype(np.float64) - low) / max(high - low, 1) * 255.0
+        depth = np.floor(scaled + 0.5).astype(np.uint8)
+    return 255 - depth if invert else depth
+
+
+# ----------------------------------------------------------------------------- writing
+
+def copy_file(source, target):
+    """Copy a file to ``target`` atomically (temporary name in the same folder, then rename)."""
+    target = Path(target)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+    os.close(fd)
+    try:
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise InputError(f"cannot copy '{source}' to '{target}': {exc.strerror or exc}") from None
+
+
+def write_stack(folder, slices, ext):
+    """Write slices as ``<folder>/1.<ext> .. N.<ext>`` (1-based, natural order), all or nothing.
+
+    The slices go to a hidden sibling folder first, which then replaces
+    ``folder``: an interrupted run never leaves a half-written stack.
+    """
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".part", dir=folder.parent))
+    try:
+        for k, image in enumerate(slices, start=1):
+            write_image(tmp / f"{k}.{ext}", image)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def make_dirs(root, *names):
+    """Create ``root/<name>`` for every name; returns them as Paths in order."""
+    paths = [Path(root, name) for name in names]
+    for path in paths:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InputError(f"cannot create folder '{path}': {exc.strerror or exc}") from None
+    return paths
+
+
+# ----------------------------------------------------------------------------- batch loop
+
+def run_batch(items, process, desc, name_of=str):
+    """Call ``process(item)`` for every item under a progress bar.
+
+    A bad item (InputError, or an OSError / ValueError from the data) is
+    skipped and listed at the end; returns the number processed. Raises
+    InputError when any item failed, so the script exits non-zero.
+    """
+    failures = []
+    done = 0
+    for item in tqdm(items, desc=desc, unit="item", dynamic_ncols=True):
+        try:
+            process(item)
+            done += 1
+        except (InputError, OSError, ValueError) as exc:
+            failures.append((name_of(item), str(exc)))
+    print(f"{desc}: {done} of {len(items)} done", file=sys.stderr)
+    if failures:
+        for name, reason in failures:
+            print(f"  skipped {name}: {reason}", file=sys.stderr)
+        raise InputError(f"{len(failures)} of {len(items)} item(s) failed (listed above)")
+    return done
