@@ -16,7 +16,8 @@ import numpy as np
 from scipy import ndimage
 from tqdm import tqdm
 
-from utils import InputError, is_image_file, list_images, natural_sort_key, read_image, write_image
+from utils import (InputError, _atomic_write_bytes, ensure_output_dir, is_image_file, list_images, natural_sort_key,
+                   read_image, write_image)
 
 
 # ----------------------------------------------------------------------------- listing
@@ -118,16 +119,46 @@ def read_depth_8bit(path, invert=False) -> np.ndarray:
 # ----------------------------------------------------------------------------- writing
 
 def copy_file(source, target):
-    """Copy a file to ``target`` atomically (temporary name in the same folder, then rename)."""
-    target = Path(target)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
-    os.close(fd)
+    """Copy a file byte for byte (no re-encoding) to ``target``, atomically."""
     try:
-        shutil.copyfile(source, tmp)
-        os.replace(tmp, target)
+        data = Path(source).read_bytes()
     except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise InputError(f"cannot copy '{source}' to '{target}': {exc.strerror or exc}") from None
+        raise InputError(f"cannot read '{source}': {exc.strerror or exc}") from None
+    _atomic_write_bytes(target, data)
+
+
+def write_text(path, text: str):
+    """Write a small text file (a CSV report) atomically."""
+    _atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def copy_images(files, output_dir, name_of, desc, min_size=0):
+    """Copy source images into one flat folder as ``<output_dir>/<name_of(path)><ext>``.
+
+    Images whose shorter side is below ``min_size`` are left out (a size of 0
+    keeps all, without decoding them). Two sources with one name are an error,
+    found before anything is written. Returns the number copied.
+    """
+    targets = {}
+    for path in files:
+        name = name_of(path) + path.suffix.lower()
+        if name in targets:
+            raise InputError(f"'{targets[name]}' and '{path}' would both be written as '{name}'")
+        targets[name] = path
+    output_dir = ensure_output_dir(output_dir)
+    skipped = []
+
+    def process(item):
+        name, path = item
+        if min_size and min(read_image(path).shape[:2]) < min_size:
+            skipped.append(name)
+            return
+        copy_file(path, output_dir / name)
+
+    run_batch(sorted(targets.items()), process, desc, name_of=lambda item: str(item[1]))
+    if skipped:
+        print(f"left out {len(skipped)} image(s) smaller than {min_size} px", file=sys.stderr)
+    return len(targets) - len(skipped)
 
 
 def write_stack(folder, slices, ext):

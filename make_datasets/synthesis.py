@@ -18,6 +18,7 @@ refill and true black pixels are left alone.
 """
 import cv2
 import numpy as np
+from scipy import ndimage
 
 RELEASED_SLICE_COUNTS = (8, 12, 16, 20, 24)
 
@@ -102,6 +103,32 @@ def _blur_radius(sigma: float) -> int:
     return int(np.ceil(3.0 * sigma)) if sigma >= MIN_SIGMA else 0
 
 
+def _premultiplied_layer(colour, mask, nearer, reach):
+    """One layer's premultiplied colour + alpha over its bounding box.
+
+    colour: (C, H, W) float32; mask: HxW bool, the layer's pixels; nearer:
+    HxW bool, pixels of nearer layers; reach: the largest blur radius + 1.
+    The layer is extended up to ``reach`` pixels into ``nearer`` (hidden
+    background, coloured like the nearest layer pixel). The box is the
+    layer's bounding box grown by 2 x reach, so its outer ``reach`` band is
+    all zeros: reflection at a box edge inside the image then reflects only
+    zeros, while at the image border it mirrors the scene, as a lens sees it
+    continue.
+    Returns (box: index tuple into a (C + 1, H, W) array, rgba (C + 1, h', w')).
+    """
+    h, w = mask.shape
+    rows, cols = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
+    y0, y1 = max(rows[0] - 2 * reach, 0), min(rows[-1] + 1 + 2 * reach, h)
+    x0, x1 = max(cols[0] - 2 * reach, 0), min(cols[-1] + 1 + 2 * reach, w)
+    own = mask[y0:y1, x0:x1]
+    distance, (near_r, near_c) = ndimage.distance_transform_edt(~own, return_indices=True)
+    alpha = own | ((distance <= reach) & nearer[y0:y1, x0:x1])
+    alpha = alpha.astype(np.float32)[None]
+    # Channel-first planes: compositing on contiguous planes is about twice as fast.
+    rgba = np.concatenate([colour[:, y0:y1, x0:x1][:, near_r, near_c] * alpha, alpha])
+    return (slice(None), slice(y0, y1), slice(x0, x1)), rgba
+
+
 def physical_stack(image: np.ndarray, depth: np.ndarray, num_slices: int, max_sigma: float = 4.0):
     """Render N slices through a thin lens focused at N evenly spaced depths.
 
@@ -115,8 +142,11 @@ def physical_stack(image: np.ndarray, depth: np.ndarray, num_slices: int, max_si
     Rendering is layered: depth is split into thin layers; each layer's
     premultiplied colour and its coverage (alpha) are blurred with that
     layer's sigma and composited back to front (far first, near over it).
-    Coverage that the blur lets through in front of hidden background is
-    renormalised (colour / accumulated alpha) instead of showing black.
+    The background hidden behind a nearer layer, which a blurred near edge
+    lets through, is not in the all-in-focus image: each layer is extended
+    behind nearer ones (just as far as a blur can reveal) with the colour of
+    its nearest own pixel. Any coverage still missing is renormalised
+    (colour / accumulated alpha) instead of showing black.
     Deterministic: the same input always gives the same slices.
 
     Returns (slices: list of N arrays with the image's shape and dtype,
@@ -134,30 +164,15 @@ def physical_stack(image: np.ndarray, depth: np.ndarray, num_slices: int, max_si
     c, h, w = colour.shape
     planes = focal_planes(num_slices)
     centres, layer = _depth_layers(depth, num_slices)
-    max_radius = _blur_radius(max_sigma)
 
-    # Per present layer, far to near: its bounding box grown by the largest
-    # kernel radius plus one spare row/column of zeros, and its premultiplied
-    # colour + alpha over that box. Reflection at a box edge inside the image
-    # then only ever reflects zeros, while at the image border it mirrors the
-    # scene, as a lens would see it continue.
-    pad = _blur_radius(max_sigma) + 1
-    layers = []
-    for index in np.unique(layer)[::-1]:
-        mask = layer == index
-        rows, cols = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
-        y0, y1 = max(rows[0] - pad, 0), min(rows[-1] + 1 + pad, h)
-        x0, x1 = max(cols[0] - pad, 0), min(cols[-1] + 1 + pad, w)
-        alpha = mask[None, y0:y1, x0:x1].astype(np.float32)
-        # Channel-first planes: compositing on contiguous planes is about twice as fast.
-        rgba = np.concatenate([colour[:, y0:y1, x0:x1] * alpha, alpha])  # (C + 1, h', w')
-        layers.append((centres[index], (slice(None), slice(y0, y1), slice(x0, x1)), rgba))
+    layers = [_premultiplied_layer(colour, layer == index, layer < index, _blur_radius(max_sigma) + 1)
+              + (centres[index],) for index in np.unique(layer)[::-1]]  # far to near
 
     max_value = float(np.iinfo(image.dtype).max)
     slices = []
     for plane in planes:
         acc = np.zeros((c + 1, h, w), dtype=np.float32)  # premultiplied colour + alpha
-        for centre, box, rgba in layers:
+        for box, rgba, centre in layers:
             sigma = max_sigma * abs(centre - plane) / 255.0
             radius = _blur_radius(sigma)
             if radius:
