@@ -6,6 +6,7 @@ or 16-bit depth into the 8-bit convention of this project (0 = near,
 past a bad item and reports it at the end. Image reading and writing
 themselves live in utils.py.
 """
+import argparse
 import os
 import shutil
 import sys
@@ -18,6 +19,29 @@ from tqdm import tqdm
 
 from utils import (InputError, _atomic_write_bytes, ensure_output_dir, is_image_file, list_images, natural_sort_key,
                    read_image, write_image)
+
+
+DEPTH_SCALES = ("inverse", "linear")
+
+
+# ----------------------------------------------------------------------------- command line
+
+def source_parser(doc, root_help, output_help, splits=(), default_splits=None):
+    """The parser every prepare script starts from: --root, --output_dir and, if given, --splits."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    io = parser.add_argument_group("input and output")
+    io.add_argument("--root", type=str, required=True, help=root_help)
+    io.add_argument("--output_dir", type=str, required=True, help=output_help)
+    if splits:
+        io.add_argument("--splits", type=str, nargs="+", default=list(default_splits or splits), choices=splits,
+                        help="which splits to take")
+    return parser
+
+
+def add_scale_flag(group):
+    group.add_argument("--scale", type=str, default="inverse", choices=DEPTH_SCALES,
+                       help="space the 256 depth levels in inverse depth (as lens blur and monocular depth "
+                            "models do) or linearly in metres")
 
 
 # ----------------------------------------------------------------------------- listing
@@ -161,24 +185,47 @@ def copy_images(files, output_dir, name_of, desc, min_size=0):
     return len(targets) - len(skipped)
 
 
-def write_stack(folder, slices, ext):
+def write_stack(folder, slices, ext, copies=()):
     """Write slices as ``<folder>/1.<ext> .. N.<ext>`` (1-based, natural order), all or nothing.
 
     The slices go to a hidden sibling folder first, which then replaces
-    ``folder``: an interrupted run never leaves a half-written stack.
+    ``folder``: an interrupted run never leaves a half-written stack. Each
+    folder in ``copies`` gets the same files as hard links where the file
+    system allows (no second copy on disk), else as copies.
     """
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".part", dir=folder.parent))
+    staged = _staging_folder(folder)
     try:
         for k, image in enumerate(slices, start=1):
-            write_image(tmp / f"{k}.{ext}", image)
+            write_image(staged / f"{k}.{ext}", image)
+        for copy in copies:
+            linked = _staging_folder(Path(copy))
+            for file in sorted(staged.iterdir()):
+                try:
+                    os.link(file, linked / file.name)
+                except OSError:
+                    shutil.copyfile(file, linked / file.name)
+            _replace_folder(linked, Path(copy))
+        _replace_folder(staged, folder)
+    finally:
+        if staged.exists():
+            shutil.rmtree(staged)
+
+
+def _staging_folder(folder: Path) -> Path:
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".part", dir=folder.parent))
+
+
+def _replace_folder(staged: Path, folder: Path):
+    """Put a finished staging folder in place of ``folder`` (replacing an older one)."""
+    try:
         if folder.exists():
             shutil.rmtree(folder)
-        os.replace(tmp, folder)
+        os.replace(staged, folder)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        if staged.exists():
+            shutil.rmtree(staged)
 
 
 def make_dirs(root, *names):

@@ -14,7 +14,7 @@ stack of R slices is rendered, R drawn per image from --slice_counts. Output:
 
 With --train_layout, also the layout that train.py reads:
 
-    <output_dir>/image_stacks/<name>/1..R.<format>
+    <output_dir>/image_stacks/<name>/1..R.<format>   hard links to the dof_stack files where possible
     <output_dir>/depth_maps/<name>.png           (see --train_depth)
 """
 import argparse
@@ -105,12 +105,11 @@ def main(args):
         num_slices = slice_count_for(name, args.slice_counts, args.seed)
         slices, focus_index = synthesize(image, depth, num_slices, args.mode, args.max_sigma)
         focus_picture = index_picture(focus_index, num_slices)
-        write_stack(stack_dir / name, slices, args.format)
+        write_stack(stack_dir / name, slices, args.format, copies=[train_stack_dir / name] if args.train_layout else [])
         write_image(aif_dir / f"{name}.{args.format}", image)
         write_image(depth_dir / f"{name}.png", depth)
         write_image(quantized_dir / f"{name}.png", focus_picture)
         if args.train_layout:
-            write_stack(train_stack_dir / name, slices, args.format)
             write_image(train_depth_dir / f"{name}.png", depth if args.train_depth == "depth" else focus_picture)
 
     done = run_batch(pairs, process, desc=f"{args.mode} stacks", name_of=lambda pair: pair[0])

@@ -11,25 +11,20 @@ Output: <output_dir>/<name>.jpg, byte-identical copies. ADE20K has no depth:
 put a depth map per image into a sibling depth/ folder (docs/datasets.md).
 Re-running overwrites the same files.
 """
-import argparse
 import sys
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a file: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from make_datasets.common import copy_images, find_files, require_dir
+from make_datasets.common import copy_images, find_files, require_dir, source_parser
 from utils import is_image_file, run_cli
 
 SPLITS = ("training", "validation")
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--root", type=str, required=True, help="the ADEChallengeData2016 folder")
-    parser.add_argument("--output_dir", type=str, required=True, help="flat folder to write the images to")
-    parser.add_argument("--splits", type=str, nargs="+", default=list(SPLITS), choices=SPLITS,
-                        help="which splits to extract")
+    parser = source_parser(__doc__, "the ADEChallengeData2016 folder", "flat folder to write the images to", SPLITS)
     parser.add_argument("--min_size", type=int, default=0,
                         help="leave out images whose shorter side is below this many pixels (0: keep all)")
     return parser

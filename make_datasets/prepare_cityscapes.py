@@ -11,14 +11,13 @@ dropped; city names make them unique across splits), byte-identical copies.
 Cityscapes ships no dense depth: put a depth map per image into a sibling
 depth/ folder (docs/datasets.md). Re-running overwrites the same files.
 """
-import argparse
 import sys
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a file: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from make_datasets.common import copy_images, find_files, require_dir
+from make_datasets.common import copy_images, find_files, require_dir, source_parser
 from utils import run_cli
 
 SPLITS = ("train", "val", "test", "train_extra")
@@ -26,12 +25,8 @@ SUFFIX = "_leftImg8bit"
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--root", type=str, required=True, help="folder that holds leftImg8bit/")
-    parser.add_argument("--output_dir", type=str, required=True, help="flat folder to write the images to")
-    parser.add_argument("--splits", type=str, nargs="+", default=["train", "val"], choices=SPLITS,
-                        help="which splits to flatten")
-    return parser
+    return source_parser(__doc__, "folder that holds leftImg8bit/", "flat folder to write the images to",
+                         SPLITS, default_splits=("train", "val"))
 
 
 def flat_name(path: Path) -> str:

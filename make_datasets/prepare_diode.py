@@ -13,7 +13,6 @@ Output: <output_dir>/images/<id>.png (byte-identical) and
 point of that image; pixels the mask marks invalid (no laser return) take the
 nearest valid pixel's depth. Re-running overwrites the same files.
 """
-import argparse
 import sys
 from pathlib import Path
 
@@ -22,24 +21,18 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
 
 import numpy as np
 
-from make_datasets.common import copy_file, find_files, make_dirs, normalize_depth, require_dir, run_batch
+from make_datasets.common import (add_scale_flag, copy_file, find_files, make_dirs, normalize_depth, require_dir,
+                                  run_batch, source_parser)
 from utils import InputError, ensure_output_dir, read_image, run_cli, write_image
 
 SPLITS = ("train", "val")
-SCALES = ("inverse", "linear")
 DEPTH_SUFFIX = "_depth.npy"
 MASK_SUFFIX = "_depth_mask.npy"
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--root", type=str, required=True, help="the DIODE folder holding train/ and val/")
-    parser.add_argument("--output_dir", type=str, required=True, help="where images/ and depth/ go")
-    parser.add_argument("--splits", type=str, nargs="+", default=list(SPLITS), choices=SPLITS,
-                        help="which splits to extract")
-    parser.add_argument("--scale", type=str, default="inverse", choices=SCALES,
-                        help="space the 256 depth levels in inverse depth (as lens blur and monocular "
-                             "depth models do) or linearly in metres")
+    parser = source_parser(__doc__, "the DIODE folder holding train/ and val/", "where images/ and depth/ go", SPLITS)
+    add_scale_flag(parser)
     return parser
 
 

@@ -18,7 +18,6 @@ the kept images (byte-identical copies), and <output_dir>/duts_filter.csv
 with the measures of every image, to tune the thresholds. Re-running with
 other thresholds rewrites them and removes the images no longer kept.
 """
-import argparse
 import sys
 from pathlib import Path
 
@@ -28,15 +27,12 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
 import cv2
 import numpy as np
 
-from make_datasets.common import copy_file, images_by_stem, make_dirs, require_dir, run_batch, write_text
+from make_datasets.common import copy_file, images_by_stem, make_dirs, require_dir, run_batch, source_parser, write_text
 from utils import InputError, ensure_output_dir, read_image, run_cli, to_gray_float
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    io = parser.add_argument_group("input and output")
-    io.add_argument("--root", type=str, required=True, help="the DUTS-TR (or DUTS-TE) folder")
-    io.add_argument("--output_dir", type=str, required=True, help="where images/, masks/ and the CSV go")
+    parser = source_parser(__doc__, "the DUTS-TR (or DUTS-TE) folder", "where images/, masks/ and the CSV go")
     rule = parser.add_argument_group("uniform-background rule")
     rule.add_argument("--max_std", type=float, default=12.0,
                       help="largest gray standard deviation of the background (0..255 scale)")

@@ -28,10 +28,9 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
 
 import numpy as np
 
-from make_datasets.common import make_dirs, normalize_depth, run_batch
+from make_datasets.common import add_scale_flag, make_dirs, normalize_depth, run_batch
 from utils import InputError, ensure_output_dir, run_cli, write_image
 
-SCALES = ("inverse", "linear")
 SAMPLE_IMAGES = 50
 
 
@@ -50,8 +49,7 @@ def get_args_parser():
                       help="crop the white border of the registered frames")
     prep.add_argument("--white_level", type=int, default=250,
                       help="a border row/column has at least 90%% of its pixels at or above this in all channels")
-    prep.add_argument("--scale", type=str, default="inverse", choices=SCALES,
-                      help="space the depth levels in inverse depth or linearly in metres")
+    add_scale_flag(prep)
     return parser
 
 

@@ -235,10 +235,10 @@ class TestMakeDataset:
                 near_error = [np.abs(s[:, :4] - image[:, :4]).mean() for s in (first, last)]
                 far_error = [np.abs(s[:, -4:] - image[:, -4:]).mean() for s in (first, last)]
                 assert near_error[0] < near_error[1] and far_error[1] < far_error[0]
-            # the train.py layout holds the same stack and the depth
+            # the train.py layout holds the same stack (hard-linked here) and the depth
             for k in range(1, n + 1):
-                assert np.array_equal(read_image(out / "image_stacks" / name / f"{k}.png"),
-                                      read_image(out / "dof_stack" / name / f"{k}.png"))
+                train_slice, slice_k = out / "image_stacks" / name / f"{k}.png", out / "dof_stack" / name / f"{k}.png"
+                assert train_slice.samefile(slice_k)
             assert np.array_equal(read_image(out / "depth_maps" / f"{name}.png"), depth)
         assert not list(out.rglob("*.part"))
 
@@ -258,6 +258,11 @@ class TestMakeDataset:
         assert depth[0, 0] == 255 and depth[0, -1] == 5                  # flipped: 0 -> 255, 250 -> 5
         assert read_image(out / "depth_maps" / "a.png").tolist() == read_image(out / "quantized_depth" / "a.png").tolist()
         assert len(list((out / "dof_stack" / "a").glob("*.jpg"))) == 4
+        before = (out / "image_stacks" / "a" / "2.jpg").read_bytes()
+        run(make_dataset, "--image_dir", images, "--depth_dir", depths, "--output_dir", out, "--slice_counts", "4",
+            "--train_layout", "--train_depth", "focus_index", "--invert_depth")            # re-run replaces
+        assert (out / "image_stacks" / "a" / "2.jpg").read_bytes() == before
+        assert not [p for p in out.rglob("*") if ".part" in p.name]
 
     def test_batch_goes_past_a_bad_scene_and_exits_non_zero(self, scene_tree, tmp_path):
         images, depths = scene_tree
