@@ -28,12 +28,14 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from inference import OUTPUT_KINDS
 from metrics import METRIC_NAMES, METRICS, to_gray255
 from utils import (InputError, ensure_output_dir, is_image_file, list_images, natural_sort_key, read_image,
                    run_cli, write_text)
 
-FUSED_DIR = "fused_images"
-DEPTH_DIR = "depth_maps"
+# the folders the batch predictor writes
+FUSED_DIR = next(folder for stem, folder, _ in OUTPUT_KINDS if stem == "fused_gray")
+DEPTH_DIR = next(folder for stem, folder, _ in OUTPUT_KINDS if stem == "depth_map")
 
 
 def get_args_parser():
@@ -62,7 +64,7 @@ def parse_methods(specs):
     methods = {}
     for spec in specs:
         name, sep, folder = spec.partition("=")
-        if not sep:
+        if not sep or Path(spec).is_dir():  # a folder whose name holds '=' is still a folder
             name, folder = Path(spec).resolve().name, spec
         if not name or not folder:
             raise InputError(f"'{spec}' is neither a folder nor NAME=FOLDER")
@@ -280,6 +282,8 @@ def evaluate_dataset(inputs: DatasetInputs, methods, metrics, failures: list) ->
 
 
 def main(args):
+    if args.decimals < 0:
+        raise InputError(f"--decimals must be 0 or more, got {args.decimals}")
     methods = parse_methods(args.methods)
     if args.data_root is not None and not Path(args.data_root).is_dir():
         raise InputError(f"data root '{args.data_root}' does not exist")

@@ -171,11 +171,18 @@ class TestMatchingAndErrors:
         (["--methods", "a={good}", "a={blurry}"], "two methods are named 'a'"),
         (["--methods", "{good}", "--datasets", "nope"], "not in any result folder"),
         (["--methods", "{good}", "--data_root", "no/such/root"], "data root"),
+        (["--methods", "{good}", "--decimals", "-1"], "decimals"),
     ])
     def test_bad_arguments(self, tree, args, message):
         args = [a.format(good=tree / "good", blurry=tree / "blurry") for a in args]
         with pytest.raises(InputError, match=message):
             run(args + ["--output_dir", str(tree / "eval")])
+
+    def test_folder_name_with_equals_sign_is_a_folder(self, tree):
+        odd = tree / "run=3"
+        (tree / "good").rename(odd)
+        tables = run(["--methods", str(odd), "--metrics", "SF", "--output_dir", str(tree / "eval")])
+        assert list(tables["synth"]["SF"]) == ["run=3"]
 
     def test_cli_prints_one_line_and_exits_2(self, tmp_path):
         result = subprocess.run([sys.executable, str(REPO / "evaluate.py"), "--methods", str(tmp_path / "none")],
