@@ -292,6 +292,11 @@ def write_npy(path, array: np.ndarray):
     _atomic_write_bytes(path, buffer.getvalue())
 
 
+def write_text(path, text: str):
+    """Write a UTF-8 text file (a table, a CSV) atomically."""
+    _atomic_write_bytes(path, text.encode("utf-8"))
+
+
 def ensure_output_dir(path) -> Path:
     """Create the output folder, or raise InputError saying why it cannot be used."""
     path = Path(path)
