@@ -151,11 +151,6 @@ def copy_file(source, target):
     _atomic_write_bytes(target, data)
 
 
-def write_text(path, text: str):
-    """Write a small text file (a CSV report) atomically."""
-    _atomic_write_bytes(path, text.encode("utf-8"))
-
-
 def copy_images(files, output_dir, name_of, desc, min_size=0):
     """Copy source images into one flat folder as ``<output_dir>/<name_of(path)><ext>``.
 

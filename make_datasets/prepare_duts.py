@@ -27,7 +27,8 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
 import cv2
 import numpy as np
 
-from make_datasets.common import copy_file, images_by_stem, make_dirs, require_dir, run_batch, source_parser, write_text
+from make_datasets.common import copy_file, images_by_stem, make_dirs, require_dir, run_batch, source_parser
+from utils import write_text
 from utils import InputError, ensure_output_dir, read_image, run_cli, to_gray_float
 
 
