@@ -28,8 +28,7 @@ import cv2
 import numpy as np
 
 from make_datasets.common import copy_file, images_by_stem, make_dirs, require_dir, run_batch, source_parser
-from utils import write_text
-from utils import InputError, ensure_output_dir, read_image, run_cli, to_gray_float
+from utils import InputError, ensure_output_dir, read_image, run_cli, to_gray_float, write_text
 
 
 def get_args_parser():
