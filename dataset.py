@@ -140,9 +140,13 @@ class FocusStackDataset(Dataset):
         if len(images) != scene.num_slices:
             raise InputError(f"scene '{scene.stack_dir}' changed while training: {len(images)} slices "
                              f"instead of {scene.num_slices}")
+        depth = read_image(scene.depth_path)
+        if depth.shape[:2] != images[0].shape[:2]:
+            raise InputError(f"depth map '{scene.depth_path}' is {depth.shape[1]}x{depth.shape[0]} but the "
+                             f"slices of '{scene.stack_dir}' are {images[0].shape[1]}x{images[0].shape[0]}")
         # Resizing the integer image first keeps the gray conversion and the cache small.
         stack = np.stack([to_gray_float(_resize(image, size)) for image in images])  # (N, S, S)
-        depth = to_gray_float(_resize(read_image(scene.depth_path), size))          # (S, S)
+        depth = to_gray_float(_resize(depth, size))                                  # (S, S)
         if self.cache is not None:
             self.cache[index] = (stack, depth)
         return stack, depth

@@ -403,7 +403,7 @@ class RunLog:
                 rows = [r for r in csv.DictReader(f) if int(r["epoch"]) <= start_epoch]
         self._write_rows(rows)
         self.pictures = ensure_output_dir(run_dir / "pictures")
-        self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_epoch or None)
+        self.writer = SummaryWriter(str(run_dir / "tensorboard"))
         _atomic_write_bytes(run_dir / "run_info.json", json.dumps(info, indent=2).encode())
 
     def _write_rows(self, rows):
@@ -555,10 +555,20 @@ def run_training(args, runtime: Runtime) -> dict:
     return {"run_dir": run_dir, "best_metric": best, "history": history}
 
 
+def worker_error_message(exc: InputError) -> str:
+    """The user's sentence from an InputError re-raised by a DataLoader worker (which wraps the traceback)."""
+    text = str(exc)
+    if "Original Traceback" not in text:
+        return text
+    return text.strip().splitlines()[-1].split("InputError: ", 1)[-1]
+
+
 def main(args):
     runtime = setup_runtime(args)
     try:
         return run_training(args, runtime)
+    except InputError as exc:
+        raise InputError(worker_error_message(exc)) from None
     finally:
         if runtime.distributed:
             dist.destroy_process_group()

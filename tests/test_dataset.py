@@ -148,3 +148,10 @@ class TestGroupedBatchSampler:
         assert all(len(b) == 2 for b in batches) and len(batches) == 5
         with pytest.raises(InputError, match="batch size"):
             GroupedBatchSampler(self.lengths, 0)
+
+
+def test_depth_map_of_another_size_is_refused(tmp_path):
+    stacks, depths = make_dataset(tmp_path, num_scenes=1, slice_counts=(3,), size=64)
+    cv2.imwrite(f"{depths}/scene0.png", np.zeros((48, 64), np.uint8))
+    with pytest.raises(InputError, match=r"depth map .*scene0.png' is 64x48 but the slices .* are 64x64"):
+        FocusStackDataset([(stacks, depths)], 32)[0]

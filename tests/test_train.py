@@ -206,3 +206,17 @@ def test_torchrun_two_cpu_processes(data, tmp_path):
     assert state["args"]["batch_size"] == 2 and len(state["rng"]) == 2
     model = load_model(tmp_path / "ddp" / "last.pth")
     assert np.isfinite(sum(v.abs().sum().item() for v in model.state_dict().values()))
+
+
+def test_unreadable_slice_in_a_loader_worker_gives_the_plain_message(data, tmp_path):
+    import shutil
+    stacks = tmp_path / "set" / "image_stacks"
+    shutil.copytree(Path(data["val"][0]), stacks)
+    (stacks / "scene2" / "3.png").write_bytes(b"not a png")
+    args = train.get_args_parser().parse_args([
+        "--train_dataset", str(stacks), data["val"][1], "--training_image_size", "32", "--batch_size", "8",
+        "--num_epochs", "1", "--num_workers", "1", "--device", "cpu", "--save_dir", str(tmp_path)])
+    with pytest.raises(InputError) as caught:
+        train.main(args)
+    assert str(caught.value) == f"'{stacks / 'scene2' / '3.png'}' is not a readable image " \
+                                "(corrupt, truncated or unsupported format)"
