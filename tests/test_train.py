@@ -192,7 +192,6 @@ class TestTraining:
         assert result.stderr.strip().splitlines() == [f"error: stack folder '{tmp_path / 'no'}' does not exist"]
 
 
-@pytest.mark.slow
 def test_torchrun_two_cpu_processes(data, tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "train.py", "--train_dataset", *data["train"], "--val_dataset", *data["val"],
