@@ -80,9 +80,9 @@ def get_args_parser():
     for split in ("train", "val"):
         for slot in range(1, RELEASED_SLOTS + 1):
             s = slot_suffix(slot)
-            released.add_argument(f"--{split}_stack{s}", type=str, default=None,
+            released.add_argument(f"--{split}_stack{s}", type=str, default=None, metavar="DIR",
                                   help=f"{split} set {slot}: image_stacks folder")
-            released.add_argument(f"--{split}_depth_continuous{s}", type=str, default=None,
+            released.add_argument(f"--{split}_depth_continuous{s}", type=str, default=None, metavar="DIR",
                                   help=f"{split} set {slot}: depth_maps folder")
             released.add_argument(f"--use_{split}_dataset_{slot}", type=parse_bool, nargs="?", const=True,
                                   default=True, metavar="BOOL", help=f"use {split} set {slot} (default true)")

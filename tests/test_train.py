@@ -185,6 +185,16 @@ class TestTraining:
         with pytest.raises(InputError, match="weights only.*--pretrained"):
             train.main(tiny_args(data, tmp_path, "--resume", str(tmp_path / "weights.pth")))
 
+    def test_pretrained_weights_are_the_starting_point(self, data, tmp_path):
+        torch.manual_seed(7)
+        weights = StackMFFV2().state_dict()
+        torch.save({"module." + k: v for k, v in weights.items()}, tmp_path / "weights.pth")
+        # lr 0: AdamW leaves the weights where they started, so the checkpoint shows the start.
+        train.main(tiny_args(data, tmp_path, "--pretrained", str(tmp_path / "weights.pth"), "--lr", "0",
+                             "--num_epochs", "1", "--max_steps_per_epoch", "1", "--max_val_batches", "1"))
+        saved = torch.load(tmp_path / "run" / "last.pth", weights_only=True)["model"]
+        assert all(torch.equal(saved[k], v) for k, v in weights.items())
+
     def test_cli_error_is_one_line(self, tmp_path):
         result = subprocess.run([sys.executable, "train.py", "--train_dataset", str(tmp_path / "no"),
                                  str(tmp_path / "no_depth")], cwd=REPO, capture_output=True, text=True)
