@@ -7,6 +7,7 @@ depth colormap, atomic writes, and the device choice.
 """
 import os
 import re
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -332,10 +333,17 @@ def select_device(name=None) -> torch.device:
 
 # ----------------------------------------------------------------------------- command line
 
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def run_cli(main_fn, parser):
     """Parse arguments and run ``main_fn``; the project's own errors become one
     line on stderr and exit status 2, an interrupt exits 130, never a traceback."""
     args = parser.parse_args()
+    # SIGTERM (a scheduler, `kill`) unwinds like Ctrl-C, so temporary files are
+    # removed and checkpoints stay whole instead of the process dying mid-write.
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
         return main_fn(args)
     except InputError as exc:
