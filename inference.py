@@ -5,12 +5,16 @@ released resize up to a multiple of 32 and back); ``render_outputs`` turns
 one result into the six released pictures.
 """
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from utils import (depth_colormap, dtype_max, index_picture, resize_back, resize_to_multiple,
-                   stack_to_tensor, to_uint8)
+                   stack_to_tensor, to_uint8, write_image, write_npy)
+
+# Checkpoint every predict script loads unless --model_path says otherwise.
+DEFAULT_MODEL = "model.pth"
 
 # Released output kinds: file-name stem used by predict_one_stack.py, folder
 # used by the dataset scripts, and file extension.
@@ -95,3 +99,10 @@ def render_outputs(result: FusionResult, images, reverse: bool = False) -> dict:
         "depth_index": index.astype(np.int32),
         "depth_index_vis": index_picture(index, n),
     }
+
+
+def write_outputs(outputs: dict, paths: dict):
+    """Write render_outputs' pictures atomically: ``paths`` maps each stem to a file
+    (.npy for the index, an image format otherwise)."""
+    for stem, path in paths.items():
+        (write_npy if Path(path).suffix == ".npy" else write_image)(path, outputs[stem])

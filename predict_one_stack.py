@@ -10,12 +10,10 @@ import argparse
 import time
 from pathlib import Path
 
-from inference import OUTPUT_KINDS, fuse_images, render_outputs
+from inference import DEFAULT_MODEL, OUTPUT_KINDS, fuse_images, render_outputs, write_outputs
 from model import load_model
 from Registration import METHODS as ALIGN_METHODS, align_stack
-from utils import ensure_output_dir, read_stack, run_cli, select_device, write_image, write_npy
-
-DEFAULT_MODEL = "model.pth"
+from utils import ensure_output_dir, read_stack, run_cli, select_device
 
 
 def get_args_parser():
@@ -39,11 +37,6 @@ def get_args_parser():
 def output_paths(output_dir: Path, fixed_names: bool) -> dict:
     suffix = "" if fixed_names else time.strftime("_%Y%m%d_%H%M%S")
     return {stem: output_dir / f"{stem}{suffix}{ext}" for stem, _, ext in OUTPUT_KINDS}
-
-
-def write_outputs(outputs: dict, paths: dict):
-    for stem, path in paths.items():
-        (write_npy if path.suffix == ".npy" else write_image)(path, outputs[stem])
 
 
 def main(args):

@@ -1,0 +1,415 @@
+"""The engine behind predict_datasets.py and predict_pair_datasets.py.
+
+The two scripts differ only in how they find scenes in a dataset folder; this
+module does the rest, once: shard the scenes over torchrun ranks, skip scenes
+already done, read scenes in DataLoader workers, batch stacks of one size and
+length, run inference.fuse_gray_batch, write the six released outputs
+atomically, time the forward pass and report failures.
+
+Output layout, as released::
+
+    <output_dir>/<run folder>/<dataset>/<kind folder>/<scene>.<ext>
+    <output_dir>/<run folder>/summary.json
+
+where the kind folders are inference.OUTPUT_KINDS' (fused_images, depth_maps,
+...) and the run folder is ``results_<YYYYmmdd_HHMMSS>`` unless --run_name
+names it.
+"""
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from inference import DEFAULT_MODEL, OUTPUT_KINDS, fuse_gray_batch, render_outputs, write_outputs
+from model import load_model
+from utils import InputError, ensure_output_dir, select_device, stack_to_tensor
+from utils import _atomic_write_bytes  # the one atomic writer, for summary.json
+
+RUN_PREFIX = "results_"
+SUMMARY_FILE = "summary.json"
+# Ranks that finish early wait at the final gather for the slowest one.
+GATHER_TIMEOUT = timedelta(hours=24)
+# Stacks waiting for partners of their size: past this many, the oldest group runs anyway.
+MAX_PENDING_FACTOR = 4
+
+
+# ----------------------------------------------------------------------------- command line
+
+def add_common_args(parser, default_output: str, default_batch: int, default_workers: int):
+    """Flags shared by both dataset scripts (see their --help)."""
+    data = parser.add_argument_group("data")
+    data.add_argument("--test_root", type=str, required=True, help="folder holding the dataset folders")
+    data.add_argument("--test_datasets", type=str, nargs="+", required=True,
+                      help="dataset folder names under --test_root")
+    out = parser.add_argument_group("output and resume")
+    out.add_argument("--output_dir", type=str, default=default_output,
+                     help="results go to <output_dir>/<run folder>/<dataset>/<kind>/<scene>.<ext>")
+    out.add_argument("--run_name", type=str, default=None,
+                     help="name of the run folder (default: results_<timestamp>); "
+                          "give the same name again to resume with --skip_existing")
+    out.add_argument("--skip_existing", action="store_true",
+                     help="skip scenes whose six outputs already exist; without --run_name, "
+                          "continue the newest results_* folder in --output_dir")
+    run = parser.add_argument_group("model and speed")
+    run.add_argument("--model_path", type=str, default=DEFAULT_MODEL, help="StackMFF-V2 checkpoint")
+    run.add_argument("--batch_size", type=int, default=default_batch,
+                     help="stacks per forward pass (only stacks of one size and length share a batch)")
+    run.add_argument("--num_workers", type=int, default=default_workers,
+                     help="DataLoader processes that read images (0: read in the main process)")
+    run.add_argument("--device", type=str, default=None,
+                     help="cpu, cuda, cuda:1, mps (default: best available; under torchrun cuda:<LOCAL_RANK>)")
+    return parser
+
+
+# ----------------------------------------------------------------------------- scenes
+
+@dataclass
+class Scene:
+    """One stack to fuse: ``load()`` returns (images, names) as utils.read_stack
+    does, or raises InputError; ``error`` marks a scene known bad before reading."""
+    name: str
+    load: Optional[Callable] = None
+    error: Optional[str] = None
+
+
+@dataclass
+class LoadedScene:
+    name: str
+    images: Optional[list] = None
+    error: Optional[str] = None
+
+    @property
+    def key(self):
+        """Stacks with one key can share a batch: (N, H, W)."""
+        return (len(self.images),) + self.images[0].shape[:2]
+
+
+def _describe(exc: BaseException) -> str:
+    return str(exc) if isinstance(exc, InputError) else f"{type(exc).__name__}: {exc}"
+
+
+class SceneReader(Dataset):
+    """Reads scenes (in DataLoader workers); a bad scene comes back with its error, never raises."""
+
+    def __init__(self, scenes: List[Scene]):
+        self.scenes = scenes
+
+    def __len__(self):
+        return len(self.scenes)
+
+    def __getitem__(self, i) -> LoadedScene:
+        scene = self.scenes[i]
+        if scene.error:
+            return LoadedScene(scene.name, error=scene.error)
+        try:
+            images, _ = scene.load()
+        except Exception as exc:  # one bad scene must not stop the run
+            return LoadedScene(scene.name, error=_describe(exc))
+        return LoadedScene(scene.name, images=images)
+
+
+def _keep_as_is(item):
+    return item
+
+
+def scene_output_paths(dataset_dir: Path, scene: str) -> dict:
+    """Stem -> <dataset_dir>/<kind folder>/<scene><ext> for the six released outputs."""
+    return {stem: dataset_dir / folder / f"{scene}{ext}" for stem, folder, ext in OUTPUT_KINDS}
+
+
+def is_done(paths: dict) -> bool:
+    # Each file is written atomically, so a file that exists is complete; a
+    # scene killed between its files lacks some and is redone.
+    return all(p.is_file() for p in paths.values())
+
+
+# ----------------------------------------------------------------------------- torchrun
+
+@dataclass
+class Ranks:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_ranks() -> Ranks:
+    """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK; with several ranks, join a
+    gloo group (CPU tensors only: it carries the run folder name and the summaries)."""
+    ranks = Ranks(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                  int(os.environ.get("LOCAL_RANK", 0)))
+    if ranks.distributed and not dist.is_initialized():
+        if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+            raise InputError("WORLD_SIZE > 1 but MASTER_ADDR / MASTER_PORT are not set: start with torchrun")
+        dist.init_process_group("gloo", rank=ranks.rank, world_size=ranks.world_size, timeout=GATHER_TIMEOUT)
+    return ranks
+
+
+def rank_device(name, ranks: Ranks) -> torch.device:
+    """utils.select_device, then one GPU per rank under torchrun."""
+    device = select_device(name)
+    if device.type == "cuda" and device.index is None and ranks.distributed:
+        device = torch.device("cuda", ranks.local_rank % torch.cuda.device_count())
+    return device
+
+
+def _broadcast(value, ranks: Ranks):
+    if not ranks.distributed:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _gather(value, ranks: Ranks) -> list:
+    if not ranks.distributed:
+        return [value]
+    out = [None] * ranks.world_size
+    dist.all_gather_object(out, value)
+    return out
+
+
+# ----------------------------------------------------------------------------- run folder
+
+def choose_run_dir(output_dir: Path, run_name: Optional[str], skip_existing: bool) -> Path:
+    """--run_name if given; else, with --skip_existing, the newest results_* folder;
+    else a new results_<timestamp>."""
+    if run_name:
+        if Path(run_name).name != run_name or run_name in (".", ".."):
+            raise InputError(f"--run_name '{run_name}' must be a plain folder name, not a path")
+        return output_dir / run_name
+    if skip_existing and output_dir.is_dir():
+        previous = sorted(p for p in output_dir.iterdir() if p.is_dir() and p.name.startswith(RUN_PREFIX))
+        if previous:
+            return previous[-1]
+    return output_dir / time.strftime(f"{RUN_PREFIX}%Y%m%d_%H%M%S")
+
+
+# ----------------------------------------------------------------------------- one dataset
+
+@dataclass
+class DatasetReport:
+    """What one rank (or, after merging, all ranks) did on one dataset."""
+    dataset: str
+    missing: Optional[str] = None      # why the dataset was skipped as a whole
+    scenes: int = 0                    # scenes found (all ranks)
+    fused: int = 0                     # fused in this run
+    skipped: int = 0                   # already done (--skip_existing)
+    failed: dict = field(default_factory=dict)   # scene -> reason
+    forward_seconds: float = 0.0       # sum over batches of the synchronised fuse time
+
+    @property
+    def mean_ms(self) -> Optional[float]:
+        return 1000.0 * self.forward_seconds / self.fused if self.fused else None
+
+
+def _synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def _fuse_and_write(model, device, batch: List[LoadedScene], dataset_dir: Path, reverse: bool,
+                    report: DatasetReport):
+    """Fuse one batch (one key), write every scene's outputs; a failing batch of
+    several is retried stack by stack so that only the culprit is reported."""
+    try:
+        gray = torch.cat([stack_to_tensor(s.images) for s in batch])   # (B, N, H, W)
+        _synchronize(device)
+        start = time.perf_counter()
+        results = fuse_gray_batch(model, gray, device)
+        _synchronize(device)
+        elapsed = time.perf_counter() - start
+    except Exception as exc:
+        if len(batch) > 1:
+            for scene in batch:
+                _fuse_and_write(model, device, [scene], dataset_dir, reverse, report)
+            return
+        report.failed[batch[0].name] = f"inference failed: {_describe(exc)}"
+        return
+    report.forward_seconds += elapsed
+    for scene, result in zip(batch, results):
+        try:
+            write_outputs(render_outputs(result, scene.images, reverse),
+                          scene_output_paths(dataset_dir, scene.name))
+        except Exception as exc:
+            report.failed[scene.name] = f"cannot write outputs: {_describe(exc)}"
+            continue
+        report.fused += 1
+
+
+def run_dataset(model, device, dataset: str, scenes: List[Scene], dataset_dir: Path, *, batch_size: int,
+                num_workers: int, skip_existing: bool, reverse: bool, ranks: Ranks) -> DatasetReport:
+    """Fuse this rank's share of ``scenes`` (every world_size-th, in order)."""
+    report = DatasetReport(dataset, scenes=len(scenes))
+    mine = scenes[ranks.rank::ranks.world_size]
+    todo = []
+    for scene in mine:
+        if skip_existing and scene.error is None and is_done(scene_output_paths(dataset_dir, scene.name)):
+            report.skipped += 1
+        else:
+            todo.append(scene)
+    for _, folder, _ in OUTPUT_KINDS:
+        ensure_output_dir(dataset_dir / folder)
+    bar = tqdm(total=len(mine), initial=report.skipped, unit="stack",
+               desc=dataset if not ranks.distributed else f"{dataset} [rank {ranks.rank}]")
+    loader = DataLoader(SceneReader(todo), batch_size=None, shuffle=False, collate_fn=_keep_as_is,
+                        num_workers=min(num_workers, len(todo)))
+    pending = {}   # key -> stacks waiting for a full batch
+
+    def flush(key):
+        batch = pending.pop(key)
+        before = len(report.failed)
+        _fuse_and_write(model, device, batch, dataset_dir, reverse, report)
+        for name in list(report.failed)[before:]:
+            bar.write(f"{dataset}/{name}: {report.failed[name]}")
+        bar.update(len(batch))
+
+    for scene in loader:
+        if scene.error:
+            report.failed[scene.name] = scene.error
+            bar.write(f"{dataset}/{scene.name}: {scene.error}")
+            bar.update(1)
+            continue
+        pending.setdefault(scene.key, []).append(scene)
+        if len(pending[scene.key]) >= batch_size:
+            flush(scene.key)
+        elif sum(map(len, pending.values())) > MAX_PENDING_FACTOR * batch_size:
+            flush(next(iter(pending)))   # bound memory when sizes keep changing
+    for key in list(pending):
+        flush(key)
+    bar.close()
+    return report
+
+
+def merge_reports(per_rank: List[List[DatasetReport]]) -> List[DatasetReport]:
+    """Sum the ranks' reports dataset by dataset (ranks list datasets in one order)."""
+    merged = []
+    for parts in zip(*per_rank):
+        total = DatasetReport(parts[0].dataset, missing=parts[0].missing, scenes=parts[0].scenes)
+        for part in parts:
+            total.fused += part.fused
+            total.skipped += part.skipped
+            total.failed.update(part.failed)
+            total.forward_seconds += part.forward_seconds
+        total.failed = dict(sorted(total.failed.items()))
+        merged.append(total)
+    return merged
+
+
+# ----------------------------------------------------------------------------- summary
+
+@dataclass
+class RunSummary:
+    run_dir: Path
+    device: str
+    world_size: int
+    batch_size: int
+    datasets: List[DatasetReport]
+
+    @property
+    def exit_status(self) -> int:
+        """0 when every scene of every dataset was fused (or already done), else 1."""
+        return int(any(d.missing or d.failed for d in self.datasets))
+
+    def to_dict(self) -> dict:
+        return {
+            "run_dir": str(self.run_dir), "device": self.device, "world_size": self.world_size,
+            "batch_size": self.batch_size,
+            "datasets": {d.dataset: {
+                "missing": d.missing, "scenes": d.scenes, "fused": d.fused, "skipped_existing": d.skipped,
+                "failed": d.failed, "mean_inference_ms_per_stack": d.mean_ms,
+                "total_inference_s": d.forward_seconds,
+            } for d in self.datasets},
+        }
+
+    def text(self) -> str:
+        lines = [f"summary ({self.world_size} process(es), device {self.device}, batch {self.batch_size}):",
+                 f"{'dataset':<28} {'scenes':>6} {'fused':>6} {'skipped':>7} {'failed':>6} {'ms/stack':>9}"]
+        for d in self.datasets:
+            if d.missing:
+                lines.append(f"{d.dataset:<28} skipped: {d.missing}")
+                continue
+            mean = f"{d.mean_ms:9.1f}" if d.mean_ms is not None else f"{'-':>9}"
+            lines.append(f"{d.dataset:<28} {d.scenes:>6} {d.fused:>6} {d.skipped:>7} {len(d.failed):>6} {mean}")
+        failures = [(d.dataset, s, r) for d in self.datasets for s, r in d.failed.items()]
+        if failures:
+            lines.append(f"{len(failures)} scene(s) failed:")
+            lines += [f"  {ds}/{scene}: {reason}" for ds, scene, reason in failures]
+        lines.append(f"outputs and {SUMMARY_FILE} in {self.run_dir}")
+        return "\n".join(lines)
+
+
+def write_summary(summary: RunSummary):
+    data = json.dumps(summary.to_dict(), indent=2).encode()
+    _atomic_write_bytes(summary.run_dir / SUMMARY_FILE, data)
+
+
+# ----------------------------------------------------------------------------- the whole run
+
+def run_batch_inference(args, find_scenes: Callable[[Path], List[Scene]], reverse: bool = False) -> RunSummary:
+    """Run every dataset in args.test_datasets; ``find_scenes(dataset_dir)`` lists a
+    dataset's scenes or raises InputError when its layout is missing."""
+    if args.batch_size < 1:
+        raise InputError(f"--batch_size must be at least 1, not {args.batch_size}")
+    if args.num_workers < 0:
+        raise InputError(f"--num_workers must be 0 or more, not {args.num_workers}")
+    test_root = Path(args.test_root)
+    if not test_root.is_dir():
+        raise InputError(f"test root '{test_root}' does not exist or is not a folder")
+    ranks = init_ranks()
+    try:
+        device = rank_device(args.device, ranks)
+        model = load_model(args.model_path, device)
+        # One tiny untimed pass pays the libraries' one-off start-up (kernel
+        # selection, allocator), which would otherwise land on the first stack.
+        fuse_gray_batch(model, torch.zeros(1, 2, 32, 32), device)
+        output_dir = Path(args.output_dir)
+        run_dir, error = None, None
+        if ranks.rank == 0:
+            try:
+                run_dir = choose_run_dir(output_dir, args.run_name, args.skip_existing)
+                existed = run_dir.is_dir()
+                ensure_output_dir(run_dir)
+                print(f"{'continuing' if existed and args.skip_existing else 'writing to'} {run_dir}")
+            except InputError as exc:
+                error = str(exc)
+        # Every rank writes into rank 0's folder (or stops with rank 0's error).
+        run_dir, error = _broadcast((str(run_dir), error), ranks)
+        if error:
+            raise InputError(error)
+        run_dir = Path(run_dir)
+        reports = []
+        for dataset in args.test_datasets:
+            try:
+                scenes = find_scenes(test_root / dataset)
+            except InputError as exc:
+                if ranks.rank == 0:
+                    print(f"skipping dataset '{dataset}': {exc}")
+                reports.append(DatasetReport(dataset, missing=str(exc)))
+                continue
+            reports.append(run_dataset(model, device, dataset, scenes, run_dir / dataset,
+                                       batch_size=args.batch_size, num_workers=args.num_workers,
+                                       skip_existing=args.skip_existing, reverse=reverse, ranks=ranks))
+        summary = RunSummary(run_dir, str(device), ranks.world_size, args.batch_size,
+                             merge_reports(_gather(reports, ranks)))
+        if ranks.rank == 0:
+            write_summary(summary)
+            print(summary.text())
+        return summary
+    finally:
+        if ranks.distributed and dist.is_initialized():
+            dist.destroy_process_group()
+

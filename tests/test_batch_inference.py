@@ -1,0 +1,365 @@
+"""predict_datasets.py / predict_pair_datasets.py and their engine batch_inference.py.
+
+Synthetic trees (40x48 slices, a randomly initialised StackMFFV2 saved with a
+fixed seed) carry planted bad scenes; real stacks and Lytro pairs from
+../shared/data run with the official weights when present.
+"""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+import batch_inference
+import predict_datasets
+import predict_pair_datasets
+from inference import OUTPUT_KINDS, fuse_images, render_outputs
+from model import StackMFFV2, load_model
+from utils import read_image, read_stack
+
+torch.set_num_threads(1)
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+OFFICIAL = SHARED / "reference" / "official" / "model.pth"
+REAL_STACKS = SHARED / "data" / "stacks"
+LYTRO = SHARED / "data" / "pairs" / "Lytro"
+needs_shared = pytest.mark.skipif(not (OFFICIAL.is_file() and REAL_STACKS.is_dir() and LYTRO.is_dir()),
+                                  reason="../shared official weights or real data absent")
+
+GOOD_STACKS = {  # scene -> (N, H, W)
+    "s1": (3, 40, 48), "s2": (3, 40, 48), "s3": (3, 40, 48), "s10": (3, 40, 48),
+    "tall": (3, 48, 40), "four": (4, 40, 48),
+}
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "random.pth"
+    torch.save(StackMFFV2().state_dict(), path)
+    return path
+
+
+def write_stack(folder: Path, n, h, w, seed):
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True)
+    for k in range(1, n + 1):
+        cv2.imwrite(str(folder / f"{k}.png"), rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+@pytest.fixture
+def stack_root(tmp_path):
+    """<root>/syn/dof_stack/<scene>: good stacks of three keys plus planted bad scenes."""
+    stacks = tmp_path / "data" / "syn" / "dof_stack"
+    for seed, (name, shape) in enumerate(GOOD_STACKS.items()):
+        write_stack(stacks / name, *shape, seed=seed)
+    write_stack(stacks / "one_image", 1, 40, 48, seed=90)
+    write_stack(stacks / "mixed", 2, 40, 48, seed=91)
+    cv2.imwrite(str(stacks / "mixed" / "3.png"), np.zeros((32, 48, 3), np.uint8))
+    write_stack(stacks / "broken", 2, 40, 48, seed=92)
+    (stacks / "broken" / "2.png").write_bytes(b"not a png at all")
+    return tmp_path / "data"
+
+
+def stack_args(root, weights, out, *extra):
+    return predict_datasets.get_args_parser().parse_args(
+        ["--test_root", str(root), "--test_datasets", "syn", "--model_path", str(weights),
+         "--output_dir", str(out), "--num_workers", "0", "--device", "cpu", *extra])
+
+
+def read_outputs(dataset_dir: Path, scene: str) -> dict:
+    out = {}
+    for stem, folder, ext in OUTPUT_KINDS:
+        path = dataset_dir / folder / f"{scene}{ext}"
+        out[stem] = np.load(path) if ext == ".npy" else read_image(path)
+    return out
+
+
+def assert_same_outputs(got: dict, want: dict):
+    """Fused pictures and indices bit for bit; depth pictures at most one step of
+    their 8-bit scale apart at under 1% of pixels (a batched convolution may sum
+    in another order: the float depth differs by ~1e-5)."""
+    for stem in ("fused_gray", "color_fused", "depth_index", "depth_index_vis"):
+        np.testing.assert_array_equal(got[stem], want[stem], err_msg=stem)
+    for stem, step in (("depth_map", 1), ("depth_colormap", 4)):  # the rainbow moves <= 4 per entry
+        diff = np.abs(got[stem].astype(int) - want[stem].astype(int))
+        assert diff.max() <= step and (diff > 0).mean() < 0.01, stem
+
+
+class TestPredictDatasets:
+    def test_batches_equal_single_stack_path_and_bad_scenes_reported(self, stack_root, weights, tmp_path):
+        out = tmp_path / "out"
+        batched = predict_datasets.main(stack_args(stack_root, weights, out, "--batch_size", "3",
+                                                   "--run_name", "b3"))
+        single = predict_datasets.main(stack_args(stack_root, weights, out, "--run_name", "b1"))
+        model = load_model(weights)
+        for summary in (batched, single):
+            report = summary.datasets[0]
+            assert (report.scenes, report.fused, report.skipped) == (9, 6, 0)
+            assert set(report.failed) == {"one_image", "mixed", "broken"}
+            assert "at least 2" in report.failed["one_image"]
+            assert "mixes image sizes" in report.failed["mixed"]
+            assert "not a readable image" in report.failed["broken"]
+            assert summary.exit_status == 1
+            assert report.mean_ms is not None and report.mean_ms > 0
+        for scene in GOOD_STACKS:
+            images, _ = read_stack(stack_root / "syn" / "dof_stack" / scene)
+            want = render_outputs(fuse_images(model, images), images)
+            assert_same_outputs(read_outputs(out / "b3" / "syn", scene), want)
+            assert_same_outputs(read_outputs(out / "b1" / "syn", scene), want)
+        saved = json.loads((out / "b3" / "summary.json").read_text())["datasets"]["syn"]
+        assert saved["fused"] == 6 and set(saved["failed"]) == {"one_image", "mixed", "broken"}
+        assert saved["mean_inference_ms_per_stack"] > 0
+        leftovers = [p for p in out.rglob("*") if p.name.endswith(".part")]
+        assert not leftovers
+
+    def test_only_same_size_and_length_share_a_batch(self, stack_root, weights, tmp_path, monkeypatch):
+        seen = []
+        real = batch_inference.fuse_gray_batch
+
+        def spy(model, gray, device=None):
+            seen.append(tuple(gray.shape))
+            return real(model, gray, device)
+
+        monkeypatch.setattr(batch_inference, "fuse_gray_batch", spy)
+        predict_datasets.main(stack_args(stack_root, weights, tmp_path / "out", "--batch_size", "8"))
+        assert sorted(seen[1:]) == sorted([(4, 3, 40, 48), (1, 3, 48, 40), (1, 4, 40, 48)])  # [0]: warm-up
+
+    def test_default_layout_and_missing_dataset(self, stack_root, weights, tmp_path, capsys):
+        args = stack_args(stack_root, weights, tmp_path / "out")
+        args.test_datasets = ["nope", "syn"]
+        summary = predict_datasets.main(args)
+        assert summary.run_dir.parent == tmp_path / "out" and summary.run_dir.name.startswith("results_")
+        assert summary.datasets[0].missing and "does not exist" in summary.datasets[0].missing
+        assert summary.datasets[1].fused == 6
+        for _, folder, ext in OUTPUT_KINDS:
+            assert sorted(p.name for p in (summary.run_dir / "syn" / folder).iterdir()) == \
+                sorted(f"{s}{ext}" for s in GOOD_STACKS)
+        text = capsys.readouterr().out
+        assert "skipping dataset 'nope'" in text and "3 scene(s) failed" in text and "syn/mixed" in text
+
+    def test_killed_run_resumes_without_redoing_finished_scenes(self, stack_root, weights, tmp_path,
+                                                                 monkeypatch):
+        import inference
+        out = tmp_path / "out"
+        real_write = inference.write_image
+        calls = {"n": 0}
+
+        def dying_write(path, image):
+            calls["n"] += 1
+            if calls["n"] == 9:   # the fourth picture of the second scene: a kill mid-scene
+                raise KeyboardInterrupt
+            real_write(path, image)
+
+        monkeypatch.setattr(inference, "write_image", dying_write)
+        with pytest.raises(KeyboardInterrupt):
+            predict_datasets.main(stack_args(stack_root, weights, out, "--run_name", "r"))
+        monkeypatch.setattr(inference, "write_image", real_write)
+        first = out / "r" / "syn" / "fused_images" / "four.png"
+        stamp = first.stat().st_mtime_ns
+        assert (out / "r" / "syn" / "depth_maps" / "s1.png").exists()             # s1 half written
+        assert not (out / "r" / "syn" / "depth_colormaps" / "s1.png").exists()
+        assert not [p for p in out.rglob("*") if p.name.endswith(".part")]
+
+        resumed = predict_datasets.main(stack_args(stack_root, weights, out, "--run_name", "r", "--skip_existing"))
+        report = resumed.datasets[0]
+        assert (report.skipped, report.fused, len(report.failed)) == (1, 5, 3)
+        assert first.stat().st_mtime_ns == stamp
+        again = predict_datasets.main(stack_args(stack_root, weights, out, "--run_name", "r", "--skip_existing"))
+        assert (again.datasets[0].skipped, again.datasets[0].fused) == (6, 0)
+        model = load_model(weights)
+        for scene in GOOD_STACKS:
+            images, _ = read_stack(stack_root / "syn" / "dof_stack" / scene)
+            assert_same_outputs(read_outputs(out / "r" / "syn", scene),
+                                render_outputs(fuse_images(model, images), images))
+
+    def test_skip_existing_without_run_name_continues_newest_run(self, stack_root, weights, tmp_path):
+        out = tmp_path / "out"
+        (out / "results_20000101_000000").mkdir(parents=True)
+        first = predict_datasets.main(stack_args(stack_root, weights, out))
+        assert first.run_dir.name > "results_20000101_000000"
+        resumed = predict_datasets.main(stack_args(stack_root, weights, out, "--skip_existing"))
+        assert resumed.run_dir == first.run_dir and resumed.datasets[0].skipped == 6
+
+    def test_reader_workers_give_the_same_outputs(self, stack_root, weights, tmp_path):
+        out = tmp_path / "out"
+        args = stack_args(stack_root, weights, out, "--run_name", "w2", "--batch_size", "2")
+        args.num_workers = 2
+        summary = predict_datasets.main(args)
+        assert summary.datasets[0].fused == 6 and len(summary.datasets[0].failed) == 3
+        model = load_model(weights)
+        images, _ = read_stack(stack_root / "syn" / "dof_stack" / "s10")
+        assert_same_outputs(read_outputs(out / "w2" / "syn", "s10"),
+                            render_outputs(fuse_images(model, images), images))
+
+
+def run_cli(script, *argv, env=None):
+    return subprocess.run([sys.executable, str(REPO / script), *map(str, argv)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+class TestCommandLine:
+    def test_missing_root_and_bad_checkpoint_are_one_line_errors(self, stack_root, weights, tmp_path):
+        gone = run_cli("predict_datasets.py", "--test_root", tmp_path / "gone", "--test_datasets", "x",
+                       "--model_path", weights)
+        assert gone.returncode == 2 and "does not exist" in gone.stderr and "Traceback" not in gone.stderr
+        junk = tmp_path / "junk.pth"
+        junk.write_bytes(b"junk")
+        bad = run_cli("predict_pair_datasets.py", "--test_root", stack_root, "--test_datasets", "syn",
+                      "--model_path", junk)
+        assert bad.returncode == 2 and "junk.pth" in bad.stderr and "Traceback" not in bad.stderr
+
+    def test_exit_status_follows_failures(self, stack_root, weights, tmp_path):
+        failing = run_cli("predict_datasets.py", "--test_root", stack_root, "--test_datasets", "syn",
+                          "--model_path", weights, "--output_dir", tmp_path / "o", "--num_workers", "0")
+        assert failing.returncode == 1 and "3 scene(s) failed" in failing.stdout
+        for bad in ("one_image", "mixed", "broken"):
+            shutil.rmtree(stack_root / "syn" / "dof_stack" / bad)
+        clean = run_cli("predict_datasets.py", "--test_root", stack_root, "--test_datasets", "syn",
+                        "--model_path", weights, "--output_dir", tmp_path / "o", "--num_workers", "0")
+        assert clean.returncode == 0, clean.stderr
+
+    def test_torchrun_two_processes_equal_one(self, stack_root, weights, tmp_path):
+        """Two CPU ranks split the scenes; their union equals a one-process run and
+        rank 0's summary covers both ranks."""
+        with socket.socket() as s:   # a free port, so that parallel runs do not collide
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        common = ["--test_root", stack_root, "--test_datasets", "syn", "nope", "--model_path", weights,
+                  "--output_dir", tmp_path / "out", "--num_workers", "0", "--batch_size", "2"]
+        two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+                              "--master_addr=127.0.0.1", f"--master_port={port}", "predict_datasets.py",
+                              *map(str, common), "--run_name", "two"],
+                             cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+        assert two.returncode == 1, two.stderr[-2000:]   # the planted bad scenes fail
+        one = run_cli("predict_datasets.py", *common, "--run_name", "one", env=env)
+        assert one.returncode == 1
+        for _, folder, _ in OUTPUT_KINDS:
+            names = sorted(p.name for p in (tmp_path / "out" / "two" / "syn" / folder).iterdir())
+            assert names == sorted(p.name for p in (tmp_path / "out" / "one" / "syn" / folder).iterdir())
+            assert len(names) == len(GOOD_STACKS)
+        for scene in GOOD_STACKS:
+            assert_same_outputs(read_outputs(tmp_path / "out" / "two" / "syn", scene),
+                                read_outputs(tmp_path / "out" / "one" / "syn", scene))
+        summary = json.loads((tmp_path / "out" / "two" / "summary.json").read_text())
+        assert summary["world_size"] == 2
+        assert summary["datasets"]["syn"]["fused"] == 6
+        assert set(summary["datasets"]["syn"]["failed"]) == {"one_image", "mixed", "broken"}
+        assert summary["datasets"]["nope"]["missing"]
+
+
+@pytest.fixture
+def pair_root(tmp_path):
+    """<root>/pairs/{A,B}: pairs 1, 2, 10 (40x48), a mixed-size pair 3, and
+    unpartnered A/4, B/5, a nameless A/x.png and an ambiguous number 6."""
+    rng = np.random.default_rng(7)
+    root = tmp_path / "pairs_data"
+    a, b = root / "pairs" / "A", root / "pairs" / "B"
+    a.mkdir(parents=True)
+    b.mkdir()
+
+    def img(h=40, w=48):
+        return rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+    for k in (1, 2, 10):
+        cv2.imwrite(str(a / f"{k}.png"), img())
+        cv2.imwrite(str(b / f"{k}.jpg"), img())
+    cv2.imwrite(str(a / "3.png"), img())
+    cv2.imwrite(str(b / "3.png"), img(32, 48))
+    cv2.imwrite(str(a / "4.png"), img())
+    cv2.imwrite(str(b / "5.png"), img())
+    cv2.imwrite(str(a / "x.png"), img())
+    cv2.imwrite(str(a / "6.png"), img())
+    cv2.imwrite(str(a / "6.bmp"), img())
+    cv2.imwrite(str(b / "6.png"), img())
+    return root
+
+
+def pair_args(root, weights, out, *extra):
+    return predict_pair_datasets.get_args_parser().parse_args(
+        ["--test_root", str(root), "--test_datasets", "pairs", "--model_path", str(weights),
+         "--output_dir", str(out), "--num_workers", "0", "--device", "cpu", *extra])
+
+
+class TestPredictPairDatasets:
+    def test_pair_number(self):
+        assert predict_pair_datasets.pair_number(Path("A/10.png")) == (10,)
+        assert predict_pair_datasets.pair_number(Path("lytro-01-A.jpg")) == (1,)
+        assert predict_pair_datasets.pair_number(Path("left.png")) is None
+
+    def test_pairs_fused_and_unpaired_files_listed(self, pair_root, weights, tmp_path):
+        out = tmp_path / "out"
+        summary = predict_pair_datasets.main(pair_args(pair_root, weights, out, "--batch_size", "3",
+                                                       "--run_name", "r"))
+        report = summary.datasets[0]
+        assert report.fused == 3 and summary.exit_status == 1
+        failed = report.failed
+        assert set(failed) == {"3", "A/4.png", "B/5.png", "A/x.png", "A/6.bmp"}
+        assert "mixes image sizes" in failed["3"]
+        assert "no partner numbered 4 in B/" in failed["A/4.png"]
+        assert "no partner numbered 5 in A/" in failed["B/5.png"]
+        assert "no number" in failed["A/x.png"]
+        assert "ambiguous" in failed["A/6.bmp"] and "B/6.png" in failed["A/6.bmp"]
+        model = load_model(weights)
+        for k in (1, 2, 10):
+            images = [read_image(pair_root / "pairs" / "A" / f"{k}.png"),
+                      read_image(pair_root / "pairs" / "B" / f"{k}.jpg")]
+            assert_same_outputs(read_outputs(out / "r" / "pairs", str(k)),
+                                render_outputs(fuse_images(model, images), images))
+
+    def test_reverse_flips_depth_and_index(self, pair_root, weights, tmp_path):
+        out = tmp_path / "out"
+        predict_pair_datasets.main(pair_args(pair_root, weights, out, "--run_name", "fwd"))
+        predict_pair_datasets.main(pair_args(pair_root, weights, out, "--run_name", "rev", "--reverse"))
+        fwd, rev = read_outputs(out / "fwd" / "pairs", "1"), read_outputs(out / "rev" / "pairs", "1")
+        np.testing.assert_array_equal(rev["depth_index"], 1 - fwd["depth_index"])
+        np.testing.assert_array_equal(rev["fused_gray"], fwd["fused_gray"])
+
+    def test_missing_side_folder_skips_dataset(self, pair_root, weights, tmp_path):
+        shutil.rmtree(pair_root / "pairs" / "B")
+        summary = predict_pair_datasets.main(pair_args(pair_root, weights, tmp_path / "out"))
+        assert "no 'B' folder" in summary.datasets[0].missing and summary.exit_status == 1
+
+
+@needs_shared
+class TestRealData:
+    def test_real_stack_with_official_weights(self, tmp_path):
+        args = predict_datasets.get_args_parser().parse_args(
+            ["--test_root", str(REAL_STACKS), "--test_datasets", "EDF_BIG_microscopy",
+             "--model_path", str(OFFICIAL), "--output_dir", str(tmp_path), "--run_name", "real",
+             "--num_workers", "0", "--device", "cpu"])
+        summary = predict_datasets.main(args)
+        assert summary.exit_status == 0 and summary.datasets[0].fused == 1
+        images, _ = read_stack(REAL_STACKS / "EDF_BIG_microscopy" / "dof_stack" / "skeleton-zeiss")
+        want = render_outputs(fuse_images(load_model(OFFICIAL), images), images)
+        got = read_outputs(tmp_path / "real" / "EDF_BIG_microscopy", "skeleton-zeiss")
+        for stem in want:
+            np.testing.assert_array_equal(got[stem], want[stem], err_msg=stem)
+
+    def test_real_lytro_pairs_batched(self, tmp_path):
+        """Two Lytro pairs in one batch give the single-pair results."""
+        root = tmp_path / "data"
+        for side in "AB":
+            (root / "Lytro" / side).mkdir(parents=True)
+            for k in (1, 2):
+                (root / "Lytro" / side / f"{k}.jpg").symlink_to(LYTRO / side / f"{k}.jpg")
+        args = predict_pair_datasets.get_args_parser().parse_args(
+            ["--test_root", str(root), "--test_datasets", "Lytro", "--model_path", str(OFFICIAL),
+             "--output_dir", str(tmp_path / "out"), "--run_name", "lytro", "--batch_size", "2",
+             "--num_workers", "0", "--device", "cpu"])
+        summary = predict_pair_datasets.main(args)
+        assert summary.exit_status == 0 and summary.datasets[0].fused == 2
+        model = load_model(OFFICIAL)
+        for k in (1, 2):
+            images = [read_image(LYTRO / "A" / f"{k}.jpg"), read_image(LYTRO / "B" / f"{k}.jpg")]
+            assert_same_outputs(read_outputs(tmp_path / "out" / "lytro" / "Lytro", str(k)),
+                                render_outputs(fuse_images(model, images), images))
