@@ -22,7 +22,7 @@ import predict_datasets
 import predict_pair_datasets
 from inference import OUTPUT_KINDS, fuse_images, render_outputs
 from model import StackMFFV2, load_model
-from utils import read_image, read_stack
+from utils import InputError, read_image, read_stack
 
 torch.set_num_threads(1)
 
@@ -201,31 +201,32 @@ class TestPredictDatasets:
                             render_outputs(fuse_images(model, images), images))
 
 
-def run_cli(script, *argv, env=None):
-    return subprocess.run([sys.executable, str(REPO / script), *map(str, argv)], cwd=REPO, env=env,
+# One thread per process: on a busy 2-core machine two threads per process run 30x slower.
+ONE_THREAD = dict(os.environ, OMP_NUM_THREADS="1")
+
+
+def run_cli(script, *argv):
+    return subprocess.run([sys.executable, str(REPO / script), *map(str, argv)], cwd=REPO, env=ONE_THREAD,
                           capture_output=True, text=True, timeout=120)
 
 
 class TestCommandLine:
-    def test_missing_root_and_bad_checkpoint_are_one_line_errors(self, stack_root, weights, tmp_path):
-        gone = run_cli("predict_datasets.py", "--test_root", tmp_path / "gone", "--test_datasets", "x",
-                       "--model_path", weights)
-        assert gone.returncode == 2 and "does not exist" in gone.stderr and "Traceback" not in gone.stderr
-        junk = tmp_path / "junk.pth"
-        junk.write_bytes(b"junk")
-        bad = run_cli("predict_pair_datasets.py", "--test_root", stack_root, "--test_datasets", "syn",
-                      "--model_path", junk)
-        assert bad.returncode == 2 and "junk.pth" in bad.stderr and "Traceback" not in bad.stderr
-
-    def test_exit_status_follows_failures(self, stack_root, weights, tmp_path):
+    def test_exit_status_and_errors(self, stack_root, weights, tmp_path):
+        with pytest.raises(InputError, match="does not exist"):
+            predict_datasets.main(stack_args(tmp_path / "gone", weights, tmp_path / "o"))
         failing = run_cli("predict_datasets.py", "--test_root", stack_root, "--test_datasets", "syn",
                           "--model_path", weights, "--output_dir", tmp_path / "o", "--num_workers", "0")
         assert failing.returncode == 1 and "3 scene(s) failed" in failing.stdout
+        assert "Traceback" not in failing.stderr
         for bad in ("one_image", "mixed", "broken"):
             shutil.rmtree(stack_root / "syn" / "dof_stack" / bad)
-        clean = run_cli("predict_datasets.py", "--test_root", stack_root, "--test_datasets", "syn",
-                        "--model_path", weights, "--output_dir", tmp_path / "o", "--num_workers", "0")
-        assert clean.returncode == 0, clean.stderr
+        assert predict_datasets.main(stack_args(stack_root, weights, tmp_path / "o")).exit_status == 0
+
+    def test_bad_checkpoint_is_an_input_error(self, pair_root, tmp_path):
+        junk = tmp_path / "junk.pth"
+        junk.write_bytes(b"junk")
+        with pytest.raises(InputError, match="junk.pth"):
+            predict_pair_datasets.main(pair_args(pair_root, junk, tmp_path / "o"))
 
     def test_torchrun_two_processes_equal_one(self, stack_root, weights, tmp_path):
         """Two CPU ranks split the scenes; their union equals a one-process run and
@@ -233,16 +234,16 @@ class TestCommandLine:
         with socket.socket() as s:   # a free port, so that parallel runs do not collide
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        env = dict(os.environ, OMP_NUM_THREADS="1")
         common = ["--test_root", stack_root, "--test_datasets", "syn", "nope", "--model_path", weights,
                   "--output_dir", tmp_path / "out", "--num_workers", "0", "--batch_size", "2"]
         two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
                               "--master_addr=127.0.0.1", f"--master_port={port}", "predict_datasets.py",
                               *map(str, common), "--run_name", "two"],
-                             cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+                             cwd=REPO, env=ONE_THREAD, capture_output=True, text=True, timeout=180)
         assert two.returncode == 1, two.stderr[-2000:]   # the planted bad scenes fail
-        one = run_cli("predict_datasets.py", *common, "--run_name", "one", env=env)
-        assert one.returncode == 1
+        one = predict_datasets.main(predict_datasets.get_args_parser().parse_args(
+            [*map(str, common), "--run_name", "one"]))
+        assert one.exit_status == 1
         for _, folder, _ in OUTPUT_KINDS:
             names = sorted(p.name for p in (tmp_path / "out" / "two" / "syn" / folder).iterdir())
             assert names == sorted(p.name for p in (tmp_path / "out" / "one" / "syn" / folder).iterdir())
@@ -345,6 +346,7 @@ class TestRealData:
         for stem in want:
             np.testing.assert_array_equal(got[stem], want[stem], err_msg=stem)
 
+    @pytest.mark.slow
     def test_real_lytro_pairs_batched(self, tmp_path):
         """Two Lytro pairs in one batch give the single-pair results."""
         root = tmp_path / "data"
