@@ -136,6 +136,36 @@ class TestPredictDatasets:
         predict_datasets.main(stack_args(stack_root, weights, tmp_path / "out", "--batch_size", "8"))
         assert sorted(seen[1:]) == sorted([(4, 3, 40, 48), (1, 3, 48, 40), (1, 4, 40, 48)])  # [0]: warm-up
 
+    def test_failing_batch_is_retried_stack_by_stack(self, stack_root, weights, tmp_path, monkeypatch):
+        real = batch_inference.fuse_gray_batch
+
+        def out_of_memory(model, gray, device=None):
+            if gray.shape[0] > 1 or gray.shape[1:] == (3, 48, 40):   # any batch, and the 'tall' stack
+                raise RuntimeError("out of memory")
+            return real(model, gray, device)
+
+        monkeypatch.setattr(batch_inference, "fuse_gray_batch", out_of_memory)
+        report = predict_datasets.main(stack_args(stack_root, weights, tmp_path / "out", "--batch_size", "4")).datasets[0]
+        assert report.fused == 5
+        assert report.failed["tall"] == "inference failed: RuntimeError: out of memory"
+
+    def test_waiting_stacks_are_bounded(self, tmp_path, weights, monkeypatch):
+        """Ten stacks of ten sizes, batch 2: none finds a partner, yet stacks run
+        before the last one is read (at most 4 x batch size wait)."""
+        stacks = tmp_path / "data" / "syn" / "dof_stack"
+        for k in range(10):
+            write_stack(stacks / f"s{k}", 2, 32 + k, 32, seed=k)
+        events = []
+        real_read, real_fuse = batch_inference.SceneReader.__getitem__, batch_inference.fuse_gray_batch
+        monkeypatch.setattr(batch_inference.SceneReader, "__getitem__",
+                            lambda self, i: events.append("read") or real_read(self, i))
+        monkeypatch.setattr(batch_inference, "fuse_gray_batch",
+                            lambda m, g, d=None: events.append("fuse") or real_fuse(m, g, d))
+        report = predict_datasets.main(stack_args(tmp_path / "data", weights, tmp_path / "out",
+                                                  "--batch_size", "2")).datasets[0]
+        assert report.fused == 10
+        assert events.index("fuse", 1) < len(events) - 1 - events[::-1].index("read")
+
     def test_default_layout_and_missing_dataset(self, stack_root, weights, tmp_path, capsys):
         args = stack_args(stack_root, weights, tmp_path / "out")
         args.test_datasets = ["nope", "syn"]
