@@ -30,8 +30,7 @@ from tqdm import tqdm
 
 from inference import DEFAULT_MODEL, OUTPUT_KINDS, fuse_gray_batch, render_outputs, write_outputs
 from model import load_model
-from utils import InputError, ensure_output_dir, select_device, stack_to_tensor
-from utils import _atomic_write_bytes  # the one atomic writer, for summary.json
+from utils import InputError, ensure_output_dir, select_device, stack_to_tensor, write_text
 
 RUN_PREFIX = "results_"
 SUMMARY_FILE = "summary.json"
@@ -353,8 +352,7 @@ class RunSummary:
 
 
 def write_summary(summary: RunSummary):
-    data = json.dumps(summary.to_dict(), indent=2).encode()
-    _atomic_write_bytes(summary.run_dir / SUMMARY_FILE, data)
+    write_text(summary.run_dir / SUMMARY_FILE, json.dumps(summary.to_dict(), indent=2) + "\n")
 
 
 # ----------------------------------------------------------------------------- the whole run

@@ -21,16 +21,15 @@ import batch_inference
 import predict_datasets
 import predict_pair_datasets
 from inference import OUTPUT_KINDS, fuse_images, render_outputs
-from model import StackMFFV2, load_model
-from utils import InputError, read_image, read_stack
+from conftest import DATA, OFFICIAL_WEIGHTS, REPO, textured_stack
+from model import load_model
+from utils import InputError, read_image, read_stack, write_image
 
 torch.set_num_threads(1)
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-OFFICIAL = SHARED / "reference" / "official" / "model.pth"
-REAL_STACKS = SHARED / "data" / "stacks"
-LYTRO = SHARED / "data" / "pairs" / "Lytro"
+OFFICIAL = OFFICIAL_WEIGHTS
+REAL_STACKS = DATA / "stacks"
+LYTRO = DATA / "pairs" / "Lytro"
 needs_shared = pytest.mark.skipif(not (OFFICIAL.is_file() and REAL_STACKS.is_dir() and LYTRO.is_dir()),
                                   reason="../shared official weights or real data absent")
 
@@ -40,19 +39,15 @@ GOOD_STACKS = {  # scene -> (N, H, W)
 }
 
 
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("weights") / "random.pth"
-    torch.save(StackMFFV2().state_dict(), path)
-    return path
+@pytest.fixture
+def weights(random_weights):
+    return random_weights
 
 
 def write_stack(folder: Path, n, h, w, seed):
-    rng = np.random.default_rng(seed)
     folder.mkdir(parents=True)
-    for k in range(1, n + 1):
-        cv2.imwrite(str(folder / f"{k}.png"), rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+    for k, image in enumerate(textured_stack(n, h, w, seed=seed), start=1):
+        write_image(folder / f"{k}.png", image)
 
 
 @pytest.fixture
