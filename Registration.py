@@ -457,6 +457,12 @@ def align_stack(images, method="released", reference="first", motion="affine",
 
 # ----------------------------------------------------------------------------- command line
 
+def add_align_argument(group):
+    """The ``--align`` flag of the predict scripts: register slices before fusing."""
+    group.add_argument("--align", type=str, choices=("none",) + METHODS, default="none",
+                       help="register the slices before fusing (see docs/registration.md)")
+
+
 def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     io = parser.add_argument_group("input and output")

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from inference import DEFAULT_MODEL, OUTPUT_KINDS, fuse_gray_batch, render_outputs, write_outputs
 from model import load_model
+from Registration import add_align_argument, align_stack
 from utils import InputError, ensure_output_dir, select_device, stack_to_tensor, write_text
 
 RUN_PREFIX = "results_"
@@ -48,6 +49,7 @@ def add_common_args(parser, default_output: str, default_batch: int, default_wor
     data.add_argument("--test_root", type=str, required=True, help="folder holding the dataset folders")
     data.add_argument("--test_datasets", type=str, nargs="+", required=True,
                       help="dataset folder names under --test_root")
+    add_align_argument(data)
     out = parser.add_argument_group("output and resume")
     out.add_argument("--output_dir", type=str, default=default_output,
                      help="results go to <output_dir>/<run folder>/<dataset>/<kind>/<scene>.<ext>")
@@ -98,8 +100,9 @@ def _describe(exc: BaseException) -> str:
 class SceneReader(Dataset):
     """Reads scenes (in DataLoader workers); a bad scene comes back with its error, never raises."""
 
-    def __init__(self, scenes: List[Scene]):
+    def __init__(self, scenes: List[Scene], align: str = "none"):
         self.scenes = scenes
+        self.align = align
 
     def __len__(self):
         return len(self.scenes)
@@ -110,6 +113,8 @@ class SceneReader(Dataset):
             return LoadedScene(scene.name, error=scene.error)
         try:
             images, _ = scene.load()
+            if self.align != "none":
+                images = align_stack(images, method=self.align)
         except Exception as exc:  # one bad scene must not stop the run
             return LoadedScene(scene.name, error=_describe(exc))
         return LoadedScene(scene.name, images=images)
@@ -250,7 +255,8 @@ def _fuse_and_write(model, device, batch: List[LoadedScene], dataset_dir: Path, 
 
 
 def run_dataset(model, device, dataset: str, scenes: List[Scene], dataset_dir: Path, *, batch_size: int,
-                num_workers: int, skip_existing: bool, reverse: bool, ranks: Ranks) -> DatasetReport:
+                num_workers: int, skip_existing: bool, reverse: bool, ranks: Ranks,
+                align: str = "none") -> DatasetReport:
     """Fuse this rank's share of ``scenes`` (every world_size-th, in order)."""
     report = DatasetReport(dataset, scenes=len(scenes))
     mine = scenes[ranks.rank::ranks.world_size]
@@ -264,7 +270,7 @@ def run_dataset(model, device, dataset: str, scenes: List[Scene], dataset_dir: P
         ensure_output_dir(dataset_dir / folder)
     bar = tqdm(total=len(mine), initial=report.skipped, unit="stack",
                desc=dataset if not ranks.distributed else f"{dataset} [rank {ranks.rank}]")
-    loader = DataLoader(SceneReader(todo), batch_size=None, shuffle=False, collate_fn=_keep_as_is,
+    loader = DataLoader(SceneReader(todo, align), batch_size=None, shuffle=False, collate_fn=_keep_as_is,
                         num_workers=min(num_workers, len(todo)))
     pending = {}   # key -> stacks waiting for a full batch
 
@@ -400,7 +406,8 @@ def run_batch_inference(args, find_scenes: Callable[[Path], List[Scene]], revers
                 continue
             reports.append(run_dataset(model, device, dataset, scenes, run_dir / dataset,
                                        batch_size=args.batch_size, num_workers=args.num_workers,
-                                       skip_existing=args.skip_existing, reverse=reverse, ranks=ranks))
+                                       skip_existing=args.skip_existing, reverse=reverse, ranks=ranks,
+                                       align=args.align))
         summary = RunSummary(run_dir, str(device), ranks.world_size, args.batch_size,
                              merge_reports(_gather(reports, ranks)))
         if ranks.rank == 0:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from inference import DEFAULT_MODEL, OUTPUT_KINDS, fuse_images, render_outputs, write_outputs
 from model import load_model
-from Registration import METHODS as ALIGN_METHODS, align_stack
+from Registration import add_align_argument, align_stack
 from utils import ensure_output_dir, read_stack, run_cli, select_device
 
 
@@ -26,8 +26,7 @@ def get_args_parser():
                     help="write fused_gray.png, depth_map.png, ... instead of names with a timestamp")
     io.add_argument("--reverse", action="store_true",
                     help="save 1 - depth and N-1 - index (for stacks ordered far to near)")
-    io.add_argument("--align", type=str, choices=("none",) + ALIGN_METHODS, default="none",
-                    help="register the slices before fusing (see docs/registration.md)")
+    add_align_argument(io)
     run = parser.add_argument_group("model")
     run.add_argument("--model_path", type=str, default=DEFAULT_MODEL, help="StackMFF-V2 checkpoint")
     run.add_argument("--device", type=str, default=None, help="cpu, cuda, cuda:1, mps (default: best available)")

@@ -119,6 +119,23 @@ class TestPredictDatasets:
         leftovers = [p for p in out.rglob("*") if p.name.endswith(".part")]
         assert not leftovers
 
+    def test_align_registers_each_stack_before_fusing(self, tmp_path, weights):
+        from Registration import align_stack
+        base = cv2.resize(textured_stack(1, 24, 32, seed=5)[0], (128, 96), interpolation=cv2.INTER_CUBIC)
+        folder = tmp_path / "data" / "syn" / "dof_stack" / "shaken"
+        folder.mkdir(parents=True)
+        for k, dx in enumerate((0, 2, -3), start=1):
+            shifted = cv2.warpAffine(base, np.float32([[1, 0, dx], [0, 1, 0]]), (128, 96),
+                                     borderMode=cv2.BORDER_REFLECT)
+            write_image(folder / f"{k}.png", shifted)
+        summary = predict_datasets.main(stack_args(tmp_path / "data", weights, tmp_path / "out",
+                                                   "--run_name", "r", "--align", "ecc"))
+        assert summary.datasets[0].fused == 1
+        images, _ = read_stack(folder)
+        aligned = align_stack(images, method="ecc")
+        want = render_outputs(fuse_images(load_model(weights), aligned), aligned)
+        assert_same_outputs(read_outputs(tmp_path / "out" / "r" / "syn", "shaken"), want)
+
     def test_only_same_size_and_length_share_a_batch(self, stack_root, weights, tmp_path, monkeypatch):
         seen = []
         real = batch_inference.fuse_gray_batch
