@@ -10,6 +10,7 @@ import argparse
 import time
 from pathlib import Path
 
+from fast_inference import PRECISIONS
 from inference import OUTPUT_KINDS, fuse_images, render_outputs
 from model import load_model
 from utils import ensure_output_dir, read_stack, run_cli, select_device, write_image, write_npy
@@ -30,6 +31,10 @@ def get_args_parser():
     run = parser.add_argument_group("model")
     run.add_argument("--model_path", type=str, default=DEFAULT_MODEL, help="StackMFF-V2 checkpoint")
     run.add_argument("--device", type=str, default=None, help="cpu, cuda, cuda:1, mps (default: best available)")
+    run.add_argument("--max_memory", type=float, default=None,
+                     help="GiB: fuse tile by tile so that memory stays within this bound (default: whole image)")
+    run.add_argument("--precision", type=str, default="fp32", choices=PRECISIONS,
+                     help="fp16/bf16 run the GRU convolutions in half precision (for GPUs)")
     return parser
 
 
@@ -49,7 +54,7 @@ def main(args):
     model = load_model(args.model_path, device)
     output_dir = ensure_output_dir(args.output_dir)
     start = time.perf_counter()
-    result = fuse_images(model, images, device)
+    result = fuse_images(model, images, device, args.max_memory, args.precision)
     elapsed = time.perf_counter() - start
     paths = output_paths(output_dir, args.fixed_names)
     write_outputs(render_outputs(result, images, args.reverse), paths)
