@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from inference import DEFAULT_MODEL, OUTPUT_KINDS, fuse_gray_batch, render_outputs, write_outputs
+from inference import OUTPUT_KINDS, add_model_arguments, fuse_gray_batch, render_outputs, write_outputs
 from model import load_model
 from Registration import add_align_argument, align_stack
 from utils import InputError, ensure_output_dir, select_device, stack_to_tensor, write_text
@@ -59,14 +59,11 @@ def add_common_args(parser, default_output: str, default_batch: int, default_wor
     out.add_argument("--skip_existing", action="store_true",
                      help="skip scenes whose six outputs already exist; without --run_name, "
                           "continue the newest results_* folder in --output_dir")
-    run = parser.add_argument_group("model and speed")
-    run.add_argument("--model_path", type=str, default=DEFAULT_MODEL, help="StackMFF-V2 checkpoint")
+    run = add_model_arguments(parser.add_argument_group("model and speed"))
     run.add_argument("--batch_size", type=int, default=default_batch,
                      help="stacks per forward pass (only stacks of one size and length share a batch)")
     run.add_argument("--num_workers", type=int, default=default_workers,
                      help="DataLoader processes that read images (0: read in the main process)")
-    run.add_argument("--device", type=str, default=None,
-                     help="cpu, cuda, cuda:1, mps (default: best available; under torchrun cuda:<LOCAL_RANK>)")
     return parser
 
 
@@ -226,20 +223,20 @@ def _synchronize(device):
 
 
 def _fuse_and_write(model, device, batch: List[LoadedScene], dataset_dir: Path, reverse: bool,
-                    report: DatasetReport):
+                    report: DatasetReport, fuse_options: dict):
     """Fuse one batch (one key), write every scene's outputs; a failing batch of
     several is retried stack by stack so that only the culprit is reported."""
     try:
         gray = torch.cat([stack_to_tensor(s.images) for s in batch])   # (B, N, H, W)
         _synchronize(device)
         start = time.perf_counter()
-        results = fuse_gray_batch(model, gray, device)
+        results = fuse_gray_batch(model, gray, device, **fuse_options)
         _synchronize(device)
         elapsed = time.perf_counter() - start
     except Exception as exc:
         if len(batch) > 1:
             for scene in batch:
-                _fuse_and_write(model, device, [scene], dataset_dir, reverse, report)
+                _fuse_and_write(model, device, [scene], dataset_dir, reverse, report, fuse_options)
             return
         report.failed[batch[0].name] = f"inference failed: {_describe(exc)}"
         return
@@ -256,8 +253,11 @@ def _fuse_and_write(model, device, batch: List[LoadedScene], dataset_dir: Path, 
 
 def run_dataset(model, device, dataset: str, scenes: List[Scene], dataset_dir: Path, *, batch_size: int,
                 num_workers: int, skip_existing: bool, reverse: bool, ranks: Ranks,
-                align: str = "none") -> DatasetReport:
-    """Fuse this rank's share of ``scenes`` (every world_size-th, in order)."""
+                align: str = "none", fuse_options: Optional[dict] = None) -> DatasetReport:
+    """Fuse this rank's share of ``scenes`` (every world_size-th, in order).
+
+    fuse_options: keyword arguments for inference.fuse_gray_batch (max_memory, precision)."""
+    fuse_options = fuse_options or {}
     report = DatasetReport(dataset, scenes=len(scenes))
     mine = scenes[ranks.rank::ranks.world_size]
     todo = []
@@ -277,7 +277,7 @@ def run_dataset(model, device, dataset: str, scenes: List[Scene], dataset_dir: P
     def flush(key):
         batch = pending.pop(key)
         before = len(report.failed)
-        _fuse_and_write(model, device, batch, dataset_dir, reverse, report)
+        _fuse_and_write(model, device, batch, dataset_dir, reverse, report, fuse_options)
         for name in list(report.failed)[before:]:
             bar.write(f"{dataset}/{name}: {report.failed[name]}")
         bar.update(len(batch))
@@ -407,7 +407,8 @@ def run_batch_inference(args, find_scenes: Callable[[Path], List[Scene]], revers
             reports.append(run_dataset(model, device, dataset, scenes, run_dir / dataset,
                                        batch_size=args.batch_size, num_workers=args.num_workers,
                                        skip_existing=args.skip_existing, reverse=reverse, ranks=ranks,
-                                       align=args.align))
+                                       align=args.align,
+                                       fuse_options=dict(max_memory=args.max_memory, precision=args.precision)))
         summary = RunSummary(run_dir, str(device), ranks.world_size, args.batch_size,
                              merge_reports(_gather(reports, ranks)))
         if ranks.rank == 0:

@@ -9,12 +9,28 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
+from fast_inference import PRECISIONS, fast_forward, tiled_forward
 from utils import (depth_colormap, dtype_max, index_picture, resize_back, resize_to_multiple,
-                   stack_to_tensor, to_uint8, write_image, write_npy)
+                   stack_to_tensor, to_gray, to_uint8, write_image, write_npy)
 
 # Checkpoint every predict script loads unless --model_path says otherwise.
 DEFAULT_MODEL = "model.pth"
+
+
+
+def add_model_arguments(group):
+    """Flags every predict script shares: checkpoint, device, memory bound, precision."""
+    group.add_argument("--model_path", type=str, default=DEFAULT_MODEL, help="StackMFF-V2 checkpoint")
+    group.add_argument("--device", type=str, default=None,
+                       help="cpu, cuda, cuda:1, mps (default: best available; under torchrun cuda:<LOCAL_RANK>)")
+    group.add_argument("--max_memory", type=float, default=None,
+                       help="GiB: fuse tile by tile so that memory stays within this bound (default: whole image)")
+    group.add_argument("--precision", type=str, default="fp32", choices=PRECISIONS,
+                       help="fp16/bf16 run the GRU convolutions in half precision (for GPUs)")
+    return group
+
 
 # Released output kinds: file-name stem used by predict_one_stack.py, folder
 # used by the dataset scripts, and file extension.
@@ -41,18 +57,35 @@ class FusionResult:
     num_slices: int
 
 
-def fuse_gray_batch(model, gray: torch.Tensor, device=None):
+def fuse_gray_batch(model, gray, device=None, max_memory=None, precision="fp32", fast=True):
     """Fuse a batch of gray stacks of one size and length.
 
-    gray (B, N, H, W) float in [0, 1], any H and W. Returns B FusionResults:
-    the network runs at the next multiple of 32, then fused and depth are
-    resized back bilinearly and the index with nearest neighbour (as released).
+    gray (B, N, H, W) float in [0, 1], any H and W (or, with ``max_memory``,
+    uint8/uint16 numpy gray slices, kept in their integer type). Returns B
+    FusionResults: the network runs at the next multiple of 32, then fused
+    and depth are resized back bilinearly and the index with nearest
+    neighbour (as released).
+
+    fast: the fast path of fast_inference.py (same numbers); False runs the
+    straightforward ``model.forward``. max_memory (GiB): tiled inference whose
+    memory does not grow with the image (see docs/performance.md for the
+    small drift from whole-image results). precision: 'fp32', or 'fp16' /
+    'bf16' for the GRU convolutions (meant for GPUs).
     """
     device = device or next(model.parameters()).device
     b, n, h, w = gray.shape
-    x = resize_to_multiple(gray.float()).to(device)
-    with torch.inference_mode():
-        fused, depth, index = model(x)  # (B,1,h',w'), (B,1,h',w'), (B,h',w')
+    if max_memory:
+        tiled = [tiled_forward(model, stack, max_memory=max_memory, precision=precision, progress=tqdm)
+                 for stack in gray]
+        fused, depth, index = (torch.stack(parts)[:, None] for parts in zip(*tiled))
+        index = index[:, 0]
+    else:
+        x = resize_to_multiple(torch.as_tensor(gray).float()).to(device)
+        if fast:
+            fused, depth, index = fast_forward(model, x, precision)
+        else:
+            with torch.inference_mode():
+                fused, depth, index = model(x)  # (B,1,h',w'), (B,1,h',w'), (B,h',w')
     fused = fused[:, 0].float().cpu().numpy()
     depth = depth[:, 0].float().cpu().numpy()
     index = index.cpu().numpy().astype(np.int32)
@@ -67,9 +100,16 @@ def fuse_gray_batch(model, gray: torch.Tensor, device=None):
     return results
 
 
-def fuse_images(model, images, device=None) -> FusionResult:
-    """Fuse one stack given as a list of uint8/uint16 slices (see utils.read_stack)."""
-    return fuse_gray_batch(model, stack_to_tensor(images), device)[0]
+def fuse_images(model, images, device=None, max_memory=None, precision="fp32") -> FusionResult:
+    """Fuse one stack given as a list of uint8/uint16 slices (see utils.read_stack).
+
+    With ``max_memory`` the gray stack stays uint8/uint16 (a quarter of the
+    float32 size) and each tile is converted on the fly.
+    """
+    if max_memory:
+        gray = np.stack([to_gray(im) for im in images])           # (N, H, W) uint8/uint16
+        return fuse_gray_batch(model, gray[None], device, max_memory, precision)[0]
+    return fuse_gray_batch(model, stack_to_tensor(images), device, precision=precision)[0]
 
 
 def color_fuse(images, index: np.ndarray) -> np.ndarray:

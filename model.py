@@ -78,6 +78,17 @@ class LayerInteraction(nn.Module):
         return self.layer_interaction_depth(features).amax(dim=2)  # (B, N, H, W)
 
 
+def expected_slice_number(logits: torch.Tensor) -> torch.Tensor:
+    """logits (B, N, H, W) -> expected slice number under softmax over N, (B, 1, H, W) in [1, N].
+
+    The softmax runs in float32 whatever the logits' precision.
+    """
+    n = logits.shape[1]
+    prob = torch.softmax(logits.float(), dim=1)                               # (B, N, H, W)
+    slice_number = torch.arange(1, n + 1, dtype=prob.dtype, device=prob.device).view(1, n, 1, 1)
+    return (prob * slice_number).sum(dim=1, keepdim=True)                     # (B, 1, H, W) in [1, N]
+
+
 def depth_map_creation(logits: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """Normalised focal depth from focus logits.
 
@@ -85,10 +96,7 @@ def depth_map_creation(logits: torch.Tensor, eps: float = 1e-12) -> torch.Tensor
     number under softmax over N, min-max normalised per stack. A flat map
     (for example N = 1) gives zeros, never NaN.
     """
-    n = logits.shape[1]
-    prob = torch.softmax(logits.float(), dim=1)                               # (B, N, H, W)
-    slice_number = torch.arange(1, n + 1, dtype=prob.dtype, device=prob.device).view(1, n, 1, 1)
-    depth = (prob * slice_number).sum(dim=1, keepdim=True)                    # (B, 1, H, W) in [1, N]
+    depth = expected_slice_number(logits)                                     # (B, 1, H, W)
     lo = depth.amin(dim=(1, 2, 3), keepdim=True)
     hi = depth.amax(dim=(1, 2, 3), keepdim=True)
     return (depth - lo) / (hi - lo).clamp_min(eps)

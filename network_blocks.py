@@ -75,6 +75,10 @@ class ChannelAttention(nn.Module):
 
     def forward(self, skips):
         pooled = torch.cat([t.mean(dim=(2, 3)) for t in skips], dim=1)  # (B, sum C)
+        return self.weights_from_pooled(pooled)
+
+    def weights_from_pooled(self, pooled):
+        """Per-skip channel weights (B, C_k, 1, 1) in (0, 1) from the pooled means (B, sum C)."""
         mixed = self.get_all_att(pooled.unsqueeze(1)).squeeze(1)        # (B, sum C)
         weights = []
         for k in range(1, self.num_skips + 1):

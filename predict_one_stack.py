@@ -10,7 +10,7 @@ import argparse
 import time
 from pathlib import Path
 
-from inference import DEFAULT_MODEL, OUTPUT_KINDS, fuse_images, render_outputs, write_outputs
+from inference import OUTPUT_KINDS, add_model_arguments, fuse_images, render_outputs, write_outputs
 from model import load_model
 from Registration import add_align_argument, align_stack
 from utils import ensure_output_dir, read_stack, run_cli, select_device
@@ -27,9 +27,7 @@ def get_args_parser():
     io.add_argument("--reverse", action="store_true",
                     help="save 1 - depth and N-1 - index (for stacks ordered far to near)")
     add_align_argument(io)
-    run = parser.add_argument_group("model")
-    run.add_argument("--model_path", type=str, default=DEFAULT_MODEL, help="StackMFF-V2 checkpoint")
-    run.add_argument("--device", type=str, default=None, help="cpu, cuda, cuda:1, mps (default: best available)")
+    add_model_arguments(parser.add_argument_group("model"))
     return parser
 
 
@@ -46,7 +44,7 @@ def main(args):
     model = load_model(args.model_path, device)
     output_dir = ensure_output_dir(args.output_dir)
     start = time.perf_counter()
-    result = fuse_images(model, images, device)
+    result = fuse_images(model, images, device, args.max_memory, args.precision)
     elapsed = time.perf_counter() - start
     paths = output_paths(output_dir, args.fixed_names)
     write_outputs(render_outputs(result, images, args.reverse), paths)

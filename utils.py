@@ -164,14 +164,18 @@ def dtype_max(dtype) -> float:
     return float(np.iinfo(dtype).max)
 
 
+def to_gray(image) -> np.ndarray:
+    """uint8/uint16 HxW or HxWx3 BGR -> gray HxW in the same integer type (OpenCV BGR->GRAY)."""
+    return image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+
+
 def to_gray_float(image) -> np.ndarray:
     """uint8/uint16 HxW or HxWx3 BGR -> float32 HxW in [0, 1].
 
     Colour goes through OpenCV's BGR->GRAY in the image's own integer type
     first, as the released pipeline does for 8-bit images.
     """
-    gray = image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
-    return gray.astype(np.float32) / dtype_max(image.dtype)
+    return to_gray(image).astype(np.float32) / dtype_max(image.dtype)
 
 
 def stack_to_tensor(images) -> torch.Tensor:

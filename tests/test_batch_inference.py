@@ -140,9 +140,9 @@ class TestPredictDatasets:
         seen = []
         real = batch_inference.fuse_gray_batch
 
-        def spy(model, gray, device=None):
+        def spy(model, gray, device=None, **options):
             seen.append(tuple(gray.shape))
-            return real(model, gray, device)
+            return real(model, gray, device, **options)
 
         monkeypatch.setattr(batch_inference, "fuse_gray_batch", spy)
         predict_datasets.main(stack_args(stack_root, weights, tmp_path / "out", "--batch_size", "8"))
@@ -151,10 +151,10 @@ class TestPredictDatasets:
     def test_failing_batch_is_retried_stack_by_stack(self, stack_root, weights, tmp_path, monkeypatch):
         real = batch_inference.fuse_gray_batch
 
-        def out_of_memory(model, gray, device=None):
+        def out_of_memory(model, gray, device=None, **options):
             if gray.shape[0] > 1 or gray.shape[1:] == (3, 48, 40):   # any batch, and the 'tall' stack
                 raise RuntimeError("out of memory")
-            return real(model, gray, device)
+            return real(model, gray, device, **options)
 
         monkeypatch.setattr(batch_inference, "fuse_gray_batch", out_of_memory)
         report = predict_datasets.main(stack_args(stack_root, weights, tmp_path / "out", "--batch_size", "4")).datasets[0]
@@ -172,7 +172,7 @@ class TestPredictDatasets:
         monkeypatch.setattr(batch_inference.SceneReader, "__getitem__",
                             lambda self, i: events.append("read") or real_read(self, i))
         monkeypatch.setattr(batch_inference, "fuse_gray_batch",
-                            lambda m, g, d=None: events.append("fuse") or real_fuse(m, g, d))
+                            lambda m, g, d=None, **o: events.append("fuse") or real_fuse(m, g, d, **o))
         report = predict_datasets.main(stack_args(tmp_path / "data", weights, tmp_path / "out",
                                                   "--batch_size", "2")).datasets[0]
         assert report.fused == 10

@@ -1,0 +1,91 @@
+"""Speed and peak memory of the inference paths, each configuration in a fresh process.
+
+    python bench/benchmark_speed.py --model_path ../shared/reference/official/model.pth
+
+For every (slices, megapixels) it runs the straightforward path
+(``StackMFFV2.forward``), the fast path and the tiled path (``--max_memory``)
+on a random gray stack and prints megapixel-frames per second, peak RSS
+(``ru_maxrss`` of the child process) and the speed ratio fast / straightforward.
+"""
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model_path", type=str, default=str(REPO.parent / "shared/reference/official/model.pth"))
+    parser.add_argument("--slices", type=int, nargs="+", default=[8, 16, 32], help="stack lengths")
+    parser.add_argument("--megapixels", type=float, nargs="+", default=[0.25, 1.0, 4.0], help="image sizes")
+    parser.add_argument("--paths", type=str, nargs="+", default=["straightforward", "fast", "tiled"],
+                        choices=["straightforward", "fast", "tiled"])
+    parser.add_argument("--max_memory", type=float, default=2.0, help="GiB for the tiled path")
+    parser.add_argument("--reference_limit", type=float, default=32.0,
+                        help="skip the straightforward path above this many megapixel-frames (memory/time)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--child", type=str, default=None, help=argparse.SUPPRESS)
+    return parser
+
+
+def child(spec):
+    """Run one configuration and print a JSON line (runs in its own process)."""
+    import resource
+    import time
+
+    import numpy as np
+    import torch
+    sys.path.insert(0, str(REPO))
+    from inference import fuse_gray_batch
+    from model import load_model
+    torch.set_num_threads(spec["threads"])
+    model = load_model(spec["model_path"], "cpu")
+    side = int(round((spec["megapixels"] * 1e6) ** 0.5 / 32)) * 32
+    h, w = side, side
+    rng = np.random.default_rng(0)
+    stack = rng.integers(0, 256, size=(1, spec["slices"], h, w), dtype=np.uint8)
+    path = spec["path"]
+    wall, cpu = time.perf_counter(), time.process_time()
+    if path == "tiled":
+        fuse_gray_batch(model, stack, max_memory=spec["max_memory"])
+    else:
+        gray = torch.from_numpy(stack.astype(np.float32) / 255)
+        fuse_gray_batch(model, gray, fast=(path == "fast"))
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    print(json.dumps({"wall_s": wall, "cpu_s": cpu, "h": h, "w": w,
+                      "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def main(args):
+    print(f"{'N':>3} {'MP':>5} {'path':<16} {'wall s':>8} {'cpu s':>8} {'MPF/s':>7} {'peak RSS MB':>11} {'x straightf.':>12}")
+    for n in args.slices:
+        for mp in args.megapixels:
+            reference = None
+            for path in args.paths:
+                if path == "straightforward" and n * mp > args.reference_limit:
+                    print(f"{n:>3} {mp:>5} {path:<16} skipped: {n * mp:g} MPF over --reference_limit")
+                    continue
+                spec = dict(vars(args), slices=n, megapixels=mp, path=path, child=None)
+                out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)],
+                                     capture_output=True, text=True)
+                if out.returncode:
+                    print(f"{n:>3} {mp:>5} {path:<16} failed: {out.stderr.strip().splitlines()[-1:]}")
+                    continue
+                r = json.loads(out.stdout.strip().splitlines()[-1])
+                mpf = n * r["h"] * r["w"] / 1e6
+                if path == "straightforward":
+                    reference = r["wall_s"]
+                ratio = f"{reference / r['wall_s']:.2f}" if reference else "-"
+                print(f"{n:>3} {mp:>5} {path:<16} {r['wall_s']:>8.2f} {r['cpu_s']:>8.2f} "
+                      f"{mpf / r['wall_s']:>7.3f} {r['rss_mb']:>11.0f} {ratio:>12}", flush=True)
+
+
+if __name__ == "__main__":
+    arguments = get_args_parser().parse_args()
+    if arguments.child:
+        child(json.loads(arguments.child))
+    else:
+        main(arguments)

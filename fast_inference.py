@@ -1,0 +1,453 @@
+"""Fast and memory-bounded StackMFF-V2 inference.
+
+``model.StackMFFV2.forward`` is the straightforward reference: it runs the
+feature extractor on all B*N slices at once and keeps every GRU state. This
+module computes the same numbers with the same weights, faster and leaner:
+
+* ``fast_focus_logits``: whole image, the feature extractor in chunks of
+  slices, channels-last tensors (about 2x faster convolutions on CPU), and a
+  GRU whose gate convolutions are split by linearity,
+  ``conv(cat[x, h]) = conv_x(x) + conv_h(h)``, so that the input half of both
+  gate convolutions is one 8 -> 48 convolution; only the forward states
+  are kept and the backward pass reduces ``max_c(forward + backward)`` on the
+  fly.
+* ``tiled_fusion``: tiles with a halo whose memory does not grow with the
+  image. The network's image-wide statistics (GroupNorm means/variances,
+  channel-attention pools, the depth min/max) are accumulated over tile
+  interiors in statistics passes and then applied to every tile, so the tiles
+  stay close to whole-image results (see docs/performance.md for the drift).
+"""
+import math
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from model import depth_map_creation, depth_to_index, expected_slice_number, gather_slices
+from utils import InputError, next_multiple
+
+FEATURE_CHANNELS = 8
+HIDDEN_CHANNELS = 16
+NUM_LEVELS = 5          # the encoder halves the size five times: tiles align to 2**5
+ALIGN = 2 ** NUM_LEVELS
+PRECISIONS = ("fp32", "bf16", "fp16")
+_CHANNELS_LAST = torch.channels_last
+
+
+def autocast_context(precision: str, device):
+    """Autocast for 'bf16' / 'fp16', nothing for 'fp32'. Softmax stays float32
+    because ``depth_map_creation`` casts the logits first."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
+    if precision == "fp32":
+        return nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------- feature extraction
+
+
+class WholeImage:
+    """Feature-extraction context for whole images: the plain, image-wide operations."""
+
+    def norm(self, key, norm, y):
+        return F.group_norm(y, norm.num_groups, norm.weight, norm.bias, norm.eps)
+
+    def pool(self, key, u):
+        return u.mean(dim=(2, 3))                                   # (b, C)
+
+    def up(self, y):
+        return F.interpolate(y, scale_factor=2, mode="bilinear", align_corners=True)
+
+
+def extract_features(fe, x: torch.Tensor, ctx=None) -> torch.Tensor:
+    """``model.FeatureExtraction`` with its image-wide steps delegated to ``ctx``.
+
+    fe: a FeatureExtraction module; x (b, 1, H, W) in [0, 1]. ``ctx`` supplies
+    the group norms, the channel-attention pools and the x2 upsampling
+    (``WholeImage`` by default: identical to ``fe(x)``). Returns
+    (b, 8, H, W) in (0, 1), channels-last.
+    """
+    ctx = ctx or WholeImage()
+    bridge = fe.scab
+    t = x.contiguous(memory_format=_CHANNELS_LAST)
+    skips, spatial = [], []
+    for k in range(1, NUM_LEVELS + 1):                              # t_k at H / 2^k
+        t = getattr(fe, f"encoder{k}")(t)
+        t = F.gelu(F.max_pool2d(ctx.norm(f"ebn{k}", getattr(fe, f"ebn{k}"), t), 2))
+        spatial.append(bridge.satt([t])[0])                          # s_k
+        skips.append(t)
+    mixed = [s + t_k for s, t_k in zip(spatial, skips)]             # u_k
+    pooled = torch.cat([ctx.pool(f"u{k}", u) for k, u in enumerate(mixed, start=1)], dim=1)  # (b, 128)
+    weights = bridge.catt.weights_from_pooled(pooled)
+    bridged = [a * u + s for a, u, s in zip(weights, mixed, spatial)]
+    del skips, spatial, mixed
+    y = F.gelu(fe.encoder6(t))                                       # (b, 64, H/32, W/32)
+    y = F.gelu(ctx.norm("dbn1", fe.dbn1, fe.decoder1(y))) + bridged[4]
+    for k in range(2, NUM_LEVELS + 1):                               # up to H/2
+        y = ctx.up(ctx.norm(f"dbn{k}", getattr(fe, f"dbn{k}"), getattr(fe, f"decoder{k}")(y)))
+        y = F.gelu(y) + bridged[5 - k]
+        bridged[5 - k] = None
+    return torch.sigmoid(ctx.up(fe.final(y)))
+
+
+# ----------------------------------------------------------------------------- ConvGRU
+
+class _SplitCell:
+    """A ConvGRUCell's weights split into the input part and the hidden part.
+
+    conv_gates(cat[x, h]) = conv(x, Wg[:, :Cin]) + conv(h, Wg[:, Cin:]) + bias,
+    likewise conv_can; the two input parts are stacked into one 8 -> 48 conv.
+    """
+
+    def __init__(self, cell, input_channels: int):
+        gates, can = cell.conv_gates, cell.conv_can
+        self.hidden = cell.hidden_channels
+        self.padding = gates.padding
+        self.w_x = torch.cat((gates.weight[:, :input_channels], can.weight[:, :input_channels]))
+        self.b_x = torch.cat((gates.bias, can.bias))
+        self.w_gates_h = gates.weight[:, input_channels:].contiguous(memory_format=_CHANNELS_LAST)
+        self.w_can_h = can.weight[:, input_channels:].contiguous(memory_format=_CHANNELS_LAST)
+        self.w_x = self.w_x.contiguous(memory_format=_CHANNELS_LAST)
+
+    def input_part(self, x):
+        """x (b, Cin, H, W) -> (b, 3*Ch, H, W): [reset, update, candidate] input terms."""
+        return F.conv2d(x, self.w_x, self.b_x, padding=self.padding)
+
+    def step(self, gx, h):
+        """gx (1, 3*Ch, H, W) from input_part, h (1, Ch, H, W) or None (zeros) -> new h."""
+        ch = self.hidden
+        # Under autocast the convolutions run in half precision but the state
+        # and gates stay float32: the recurrence over N slices would otherwise
+        # accumulate rounding error.
+        # In-place updates: the step is memory-bound once the convolutions are split.
+        gx = gx.float()
+        if h is None:                                   # zero state: r * h = 0, (1 - z) * h = 0
+            return torch.sigmoid(gx[:, ch:2 * ch]).mul_(torch.tanh(gx[:, 2 * ch:]))
+        gates = F.conv2d(h, self.w_gates_h, padding=self.padding).float().add_(gx[:, :2 * ch]).sigmoid_()
+        reset, update = gates[:, :ch], gates[:, ch:]
+        candidate = F.conv2d(reset * h, self.w_can_h, padding=self.padding).float()
+        candidate.add_(gx[:, 2 * ch:]).tanh_()
+        return candidate.sub_(h).mul_(update).add_(h)   # (1 - z) h + z c = h + z (c - h)
+
+
+def gru_logits(bigru, features: torch.Tensor) -> torch.Tensor:
+    """``LayerInteraction`` of one stack: bidirectional ConvGRU, then max over channels.
+
+    bigru: a BidirectionalConvGRU; features (N, 8, H, W). Returns logits (N, H, W).
+    Holds the forward states (N, 16, H, W) but never the backward ones. The
+    input convolution runs per slice: on CPU a batch of slices was slower
+    (cache), measured.
+    """
+    n, cin = features.shape[:2]
+    forward_cell = _SplitCell(bigru.forward_cell_list[0], cin)
+    backward_cell = _SplitCell(bigru.backward_cell_list[0], cin)
+    forward_states, h = [], None
+    for t in range(n):
+        h = forward_cell.step(forward_cell.input_part(features[t:t + 1]), h)
+        forward_states.append(h)
+    logits = features.new_empty((n,) + features.shape[2:], dtype=torch.float32)
+    h = None
+    for t in reversed(range(n)):
+        h = backward_cell.step(backward_cell.input_part(features[t:t + 1]), h)
+        logits[t] = (forward_states[t] + h).amax(dim=1)[0]
+        forward_states[t] = None
+    return logits
+
+
+def fast_focus_logits(model, x: torch.Tensor, precision: str = "fp32", chunk: int = 2) -> torch.Tensor:
+    """Focus logits of ``model.focus_logits`` computed faster and leaner.
+
+    x (B, N, H, W) in [0, 1], H and W multiples of 32 -> logits (B, N, H, W)
+    float32. ``precision`` 'fp16' / 'bf16' runs the GRU convolutions (most of
+    the arithmetic) in half precision; the feature extractor stays float32
+    because half-precision features change the index at 1-6% of the pixels.
+    """
+    b, n, h, w = x.shape
+    out = []
+    for k in range(b):
+        features = torch.cat([extract_features(model.feature_extraction, x[k, s:s + chunk, None])
+                              for s in range(0, n, chunk)])               # (N, 8, H, W)
+        with autocast_context(precision, x.device):
+            out.append(gru_logits(model.layer_interaction.layer_interaction_depth, features))
+    return torch.stack(out)
+
+
+def fast_forward(model, x: torch.Tensor, precision: str = "fp32", chunk: int = 2):
+    """Same contract as ``StackMFFV2.forward``: x (B, N, H, W) -> (fused, depth, index)."""
+    n = x.shape[1]
+    with torch.inference_mode():
+        logits = fast_focus_logits(model, x, precision, chunk)
+        depth = depth_map_creation(logits)                                 # (B, 1, H, W)
+        index = depth_to_index(depth, n)                                   # (B, H, W)
+        fused = gather_slices(x, index)                                    # (B, 1, H, W)
+    return fused, depth, index
+
+
+# ----------------------------------------------------------------------------- tiles
+
+GIB = 1024 ** 3
+DEFAULT_FEATURE_HALO = 96       # pixels of context around a tile for the feature extractor
+_FIXED_BYTES = 600 * 1024 ** 2  # interpreter, torch, model and allocator slack (measured ~450 MB)
+
+
+def _lerp_along(y: torch.Tensor, dim: int, pos: torch.Tensor) -> torch.Tensor:
+    """Linear interpolation of y along ``dim`` at fractional positions pos (1-D, float64).
+
+    Positions outside [0, size - 1] are clamped, as PyTorch's bilinear resize does.
+    """
+    size = y.shape[dim]
+    pos = pos.clamp(0, size - 1)
+    lo = pos.floor().long()
+    hi = (lo + 1).clamp(max=size - 1)
+    frac = (pos - lo).to(y.dtype)
+    shape = [1] * y.dim()
+    shape[dim] = -1
+    frac = frac.view(shape)
+    return y.index_select(dim, lo) * (1 - frac) + y.index_select(dim, hi) * frac
+
+
+def _resize_positions(out_start: int, out_count: int, in_size: int, out_size: int) -> torch.Tensor:
+    """Source positions of output pixels out_start.. for a bilinear resize with
+    align_corners=False (the released resize up to a multiple of 32)."""
+    out = torch.arange(out_start, out_start + out_count, dtype=torch.float64)
+    return ((out + 0.5) * (in_size / out_size) - 0.5).clamp_min(0)
+
+
+def _to_float(array) -> torch.Tensor:
+    """uint8 / uint16 numpy or a float tensor -> float32 tensor in [0, 1]."""
+    if torch.is_tensor(array):
+        return array.float()
+    scale = float(np.iinfo(array.dtype).max) if array.dtype.kind in "ui" else 1.0
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)) / scale
+
+
+def network_input_crop(stack, rows, cols, size) -> torch.Tensor:
+    """Rows and cols (start, stop) of the stack resized to ``size`` (H', W').
+
+    stack (N, H, W): uint8/uint16 numpy or float tensor in [0, 1]. Returns
+    (N, 1, rows, cols) float32 in [0, 1]: only the source pixels the crop
+    needs are converted, so the stack can stay in its integer type.
+    """
+    n, h, w = stack.shape
+    if (h, w) == tuple(size):
+        return _to_float(stack[:, rows[0]:rows[1], cols[0]:cols[1]])[:, None]
+    pos_y = _resize_positions(rows[0], rows[1] - rows[0], h, size[0])
+    pos_x = _resize_positions(cols[0], cols[1] - cols[0], w, size[1])
+    y0, y1 = int(pos_y[0].floor()), min(h, int(pos_y[-1].floor()) + 2)
+    x0, x1 = int(pos_x[0].floor()), min(w, int(pos_x[-1].floor()) + 2)
+    crop = _to_float(stack[:, y0:y1, x0:x1])
+    crop = _lerp_along(crop, 1, pos_y - y0)
+    return _lerp_along(crop, 2, pos_x - x0)[:, None]
+
+
+class TileContext:
+    """Feature-extraction context for one crop: image-wide statistics over tiles.
+
+    ``given`` maps each group norm (``ebn1``.., ``dbn1``..) to global
+    (N, G) means and variances and each channel-attention pool (``u1``..) to
+    global (N, C) means; where it is None the crop's own statistics are used.
+    ``collect``, a StatsAccumulator, receives sums over the tile interior.
+    """
+
+    def __init__(self, crop, interior, size, slices, given=None, collect=None):
+        self.crop, self.interior, self.size = crop, interior, size   # (y0, y1, x0, x1) at full size
+        self.slices, self.given, self.collect = slices, given, collect
+
+    def _level(self, y):
+        return int(round(math.log2((self.crop[1] - self.crop[0]) / y.shape[2])))
+
+    def _interior_of(self, y):
+        s = 2 ** self._level(y)
+        (cy, _, cx, _), (iy0, iy1, ix0, ix1) = self.crop, self.interior
+        return y[:, :, (iy0 - cy) // s:(iy1 - cy) // s, (ix0 - cx) // s:(ix1 - cx) // s]
+
+    def norm(self, key, norm, y):
+        groups = norm.num_groups
+        b, c = y.shape[:2]
+        if self.collect is not None:
+            inner = self._interior_of(y).double().reshape(b, groups, -1).cpu()
+            self.collect.add(key, self.slices, inner.sum(-1), (inner * inner).sum(-1), inner.shape[-1])
+        if self.given is None:
+            return F.group_norm(y, groups, norm.weight, norm.bias, norm.eps)
+        mean, var = self.given[key]
+        mean, var = mean[self.slices].to(y.device, torch.float32), var[self.slices].to(y.device, torch.float32)
+        rstd = torch.rsqrt(var + norm.eps).repeat_interleave(c // groups, dim=1)
+        scale = rstd * norm.weight                                           # (b, C)
+        shift = norm.bias - mean.repeat_interleave(c // groups, dim=1) * scale
+        return y * scale[:, :, None, None] + shift[:, :, None, None]
+
+    def pool(self, key, u):
+        if self.collect is not None:
+            inner = self._interior_of(u).double().flatten(2).cpu()
+            self.collect.add(key, self.slices, inner.sum(-1), None, inner.shape[-1])
+        if self.given is None:
+            return u.mean(dim=(2, 3))
+        return self.given[key][0][self.slices].to(u.device, u.dtype)
+
+    def up(self, y):
+        """x2 bilinear upsampling with align_corners=True on the *whole image's* grid."""
+        level = self._level(y)
+        for dim, start, full in ((2, self.crop[0], self.size[0]), (3, self.crop[2], self.size[1])):
+            n_in = full >> level                                  # whole-image size at this level
+            out = torch.arange(start >> (level - 1), (start >> (level - 1)) + 2 * y.shape[dim],
+                               dtype=torch.float64)
+            y = _lerp_along(y, dim, out * ((n_in - 1) / (2 * n_in - 1)) - (start >> level))
+        return y
+
+
+class StatsAccumulator:
+    """Per-slice sums over tile interiors -> image-wide means and variances."""
+
+    def __init__(self, num_slices):
+        self.num_slices = num_slices
+        self.sums = {}
+
+    def add(self, key, slices, total, total_sq, count):
+        if key not in self.sums:
+            width = total.shape[1]
+            self.sums[key] = [torch.zeros(self.num_slices, width, dtype=torch.float64),
+                              torch.zeros(self.num_slices, width, dtype=torch.float64),
+                              torch.zeros(self.num_slices, 1, dtype=torch.float64)]
+        entry = self.sums[key]
+        entry[0][slices] += total
+        if total_sq is not None:
+            entry[1][slices] += total_sq
+        entry[2][slices] += count
+
+    def finish(self):
+        """key -> (mean (N, W), variance (N, W)), float64."""
+        out = {}
+        for key, (total, total_sq, count) in self.sums.items():
+            mean = total / count
+            out[key] = (mean, (total_sq / count - mean * mean).clamp_min(0))
+        return out
+
+
+def _tiles(size, tile):
+    """Interior boxes (y0, y1, x0, x1) covering an image of ``size`` in steps of ``tile``."""
+    h, w = size
+    return [(y, min(y + tile, h), x, min(x + tile, w)) for y in range(0, h, tile) for x in range(0, w, tile)]
+
+
+def _with_halo(box, halo, size):
+    y0, y1, x0, x1 = box
+    return (max(0, y0 - halo), min(size[0], y1 + halo), max(0, x0 - halo), min(size[1], x1 + halo))
+
+
+def bytes_per_crop_pixel(num_slices: int, chunk: int = 2) -> int:
+    """Working memory per crop pixel: the stack's features (8 floats per slice),
+    the GRU forward states (16) and its step temporaries, plus the feature
+    extractor of one chunk of slices (about 70 floats per slice at full size)."""
+    return 4 * (26 * num_slices + 100 + 70 * chunk)
+
+
+def plan_tiles(size, num_slices, max_memory, fixed_bytes=0, halo=0, chunk=2):
+    """Largest tile side (a multiple of 32) whose crop fits in ``max_memory`` GiB.
+
+    fixed_bytes: what is held whatever the tile (input stack, outputs).
+    InputError when even the smallest tile does not fit.
+    """
+    budget = max_memory * GIB - fixed_bytes - _FIXED_BYTES
+    per_pixel = bytes_per_crop_pixel(num_slices, chunk)
+    side = math.isqrt(max(0, int(budget // per_pixel))) - 2 * halo
+    side = min(side // ALIGN * ALIGN, next_multiple(max(size), ALIGN))
+    if side < ALIGN:
+        need = (_FIXED_BYTES + fixed_bytes + per_pixel * (ALIGN + 2 * halo) ** 2) / GIB
+        raise InputError(f"--max_memory {max_memory:g} GiB is too small for a {num_slices}-slice stack "
+                         f"of {size[1]}x{size[0]}; it needs at least {need:.2f} GiB")
+    return side
+
+
+def plan_stats_tile(size, max_memory, fixed_bytes=0, halo=0):
+    """Tile side of the statistics passes: the feature extractor of one slice only
+    (about 100 floats per crop pixel), so these tiles are much larger."""
+    if not max_memory:
+        return next_multiple(max(size), ALIGN)
+    budget = max_memory * GIB - fixed_bytes - _FIXED_BYTES
+    side = math.isqrt(max(0, int(budget // 400))) - 2 * halo
+    return max(ALIGN, min(side // ALIGN * ALIGN, next_multiple(max(size), ALIGN)))
+
+
+def tiled_forward(model, stack, max_memory=None, tile=None, halo=None, stat_passes=2,
+                  precision="fp32", chunk=2, progress=None, stats_tile=None):
+    """Fuse one stack tile by tile with image-wide statistics; memory bounded by the tile.
+
+    stack (N, H, W): uint8/uint16 numpy gray slices, or a float tensor in [0, 1].
+    The network runs at (H', W'), the next multiples of 32, as released.
+    ``tile`` (a multiple of 32) or ``max_memory`` (GiB) sets the tile size;
+    ``halo`` (default 96) is the feature extractor's context around each tile;
+    the GRU pass adds N rounded up to 32.
+    ``stat_passes`` passes over the tiles gather the GroupNorm and
+    channel-attention statistics (each pass makes one more layer exact).
+    ``stats_tile`` is the tile of the statistics passes (default: the largest
+    that ``max_memory`` allows for one slice, or the whole image).
+    Returns (fused, depth, index) at (H', W'): float32 in [0, 1], float32
+    in [0, 1], int64 in [0, N-1].
+    """
+    n, h, w = stack.shape
+    size = (next_multiple(h, ALIGN), next_multiple(w, ALIGN))
+    halo = DEFAULT_FEATURE_HALO if halo is None else halo
+    gru_halo = next_multiple(n, ALIGN)           # each GRU step sees one pixel further
+    held = stack.numel() * stack.element_size() if torch.is_tensor(stack) else stack.nbytes
+    held += size[0] * size[1] * 16                               # depth, index and fused outputs
+    if tile is None:
+        tile = plan_tiles(size, n, max_memory, held, halo + gru_halo, chunk) if max_memory else 512
+    if stats_tile is None:
+        stats_tile = plan_stats_tile(size, max_memory, held, halo)
+    if stats_tile >= max(size):
+        stat_passes = 1                 # one tile: its own statistics are the image's
+    if tile % ALIGN or halo % ALIGN:
+        raise ValueError(f"tile ({tile}) and halo ({halo}) must be multiples of {ALIGN}")
+    fe = model.feature_extraction
+    device = next(model.parameters()).device
+    boxes = _tiles(size, tile)
+    stats_boxes = _tiles(size, stats_tile)
+    total_steps = len(boxes) + len(stats_boxes) * stat_passes
+    bar = progress(total=total_steps, desc="tiles", unit="tile") if progress else None
+
+    def features(crop, interior, given, collect):
+        rows, cols = (crop[0], crop[1]), (crop[2], crop[3])
+        parts = []
+        for s in range(0, n, chunk):
+            sl = slice(s, min(n, s + chunk))
+            x = network_input_crop(stack[sl], rows, cols, size).to(device)
+            ctx = TileContext(crop, interior, size, sl, given, collect)
+            parts.append(extract_features(fe, x, ctx))
+        return parts
+
+    with torch.inference_mode():
+        given = None
+        for _ in range(stat_passes):
+            collect = StatsAccumulator(n)
+            for box in stats_boxes:
+                # Only the statistics are kept: the GRU needs no extra halo here.
+                features(_with_halo(box, halo, size), box, given, collect)
+                if bar:
+                    bar.update()
+            given = collect.finish()
+        number = torch.empty(size, dtype=torch.float32)          # expected slice number in [1, N]
+        for box in boxes:
+            crop = _with_halo(box, halo + gru_halo, size)
+            feats = torch.cat(features(crop, box, given, None))   # (N, 8, h, w)
+            with autocast_context(precision, feats.device):
+                logits = gru_logits(model.layer_interaction.layer_interaction_depth, feats)
+            del feats
+            inner = logits[:, box[0] - crop[0]:box[1] - crop[0], box[2] - crop[2]:box[3] - crop[2]]
+            number[box[0]:box[1], box[2]:box[3]] = expected_slice_number(inner[None])[0, 0].cpu()
+            if bar:
+                bar.update()
+        if bar:
+            bar.close()
+        lo, hi = number.min(), number.max()
+        depth = number.sub_(lo).div_((hi - lo).clamp_min(1e-12))   # in place: one full-size float map
+        index = depth_to_index(depth[None, None], n)[0]            # (H', W')
+        fused = torch.empty(size, dtype=torch.float32)
+        for box in boxes:
+            rows, cols = (box[0], box[1]), (box[2], box[3])
+            x = network_input_crop(stack, rows, cols, size)[:, 0]  # (N, h, w)
+            fused[box[0]:box[1], box[2]:box[3]] = gather_slices(
+                x[None], index[None, box[0]:box[1], box[2]:box[3]])[0, 0]
+    return fused, depth, index

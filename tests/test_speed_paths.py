@@ -1,0 +1,110 @@
+"""The fast and tiled inference paths give the straightforward path's numbers."""
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+WEIGHTS = SHARED / "reference" / "official" / "model.pth"
+CASES_FILE = SHARED / "reference" / "parity" / "network_cases.npz"
+CASES = ("random_n3_64x96", "pair_n2_96x128", "moto_n8_128x160", "moto_n16_64x64")
+sys.path.insert(0, str(REPO))
+torch.set_num_threads(1)
+
+from fast_inference import fast_forward, tiled_forward  # noqa: E402
+from model import load_model  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not (WEIGHTS.exists() and CASES_FILE.exists()),
+                                reason=f"official weights or parity cases not found under {SHARED}")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model(WEIGHTS, "cpu")
+
+
+@pytest.fixture(scope="module")
+def cases():
+    return np.load(CASES_FILE)
+
+
+def psnr(a, b):
+    return 10 * np.log10(1.0 / max(float(np.mean((np.asarray(a) - np.asarray(b)) ** 2)), 1e-20))
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_fast_path_matches_released(model, cases, name):
+    x = torch.from_numpy(cases[f"{name}__x"])
+    fused, depth, index = fast_forward(model, x)
+    assert np.abs(depth.numpy() - cases[f"{name}__depth"]).max() <= 1e-5
+    assert (index.numpy() == cases[f"{name}__index"]).mean() >= 0.999
+    with torch.inference_mode():
+        _, ref_depth, _ = model(x)
+    assert torch.allclose(depth, ref_depth, atol=1e-5)
+
+
+def test_half_precision_gru_agrees(model, cases):
+    # fp16 is what a GPU would run; measured >= 99.85% on every parity case.
+    for name in CASES:
+        x = torch.from_numpy(cases[f"{name}__x"])
+        _, _, index = fast_forward(model, x, precision="fp16")
+        assert (index.numpy() == cases[f"{name}__index"]).mean() >= 0.995, name
+
+
+def test_bf16_stays_close(model, cases):
+    # bf16 keeps 8 mantissa bits: measured 98.3% on the hardest case (N=16).
+    x = torch.from_numpy(cases["moto_n8_128x160__x"])
+    _, depth, index = fast_forward(model, x, precision="bf16")
+    assert (index.numpy() == cases["moto_n8_128x160__index"]).mean() >= 0.98
+    assert psnr(depth.numpy(), cases["moto_n8_128x160__depth"]) >= 35
+
+
+def test_one_tile_is_the_whole_image(model, cases):
+    x = torch.from_numpy(cases["moto_n8_128x160__x"])
+    fused, depth, index = tiled_forward(model, x[0], tile=160)
+    assert np.abs(depth.numpy() - cases["moto_n8_128x160__depth"][0, 0]).max() <= 1e-5
+    assert (index.numpy() == cases["moto_n8_128x160__index"][0]).mean() >= 0.999
+
+
+def test_small_tiles_stay_close_to_whole(model, cases):
+    # 2 x 3 tiles of 64 px with image-wide statistics: drift from the halo only.
+    x = torch.from_numpy(cases["moto_n8_128x160__x"])
+    fused, depth, index = tiled_forward(model, x[0], tile=64, halo=64)
+    ref_fused, ref_depth = cases["moto_n8_128x160__fused"][0, 0], cases["moto_n8_128x160__depth"][0, 0]
+    assert (index.numpy() == cases["moto_n8_128x160__index"][0]).mean() >= 0.97
+    assert psnr(fused.numpy(), ref_fused) >= 40
+    assert psnr(depth.numpy(), ref_depth) >= 35
+
+
+def test_uint8_stack_not_multiple_of_32_matches_float(model):
+    rng = np.random.default_rng(0)
+    stack = rng.integers(0, 256, size=(3, 50, 70), dtype=np.uint8)
+    gray = torch.from_numpy(stack.astype(np.float32) / 255)
+    a = tiled_forward(model, stack, tile=64)
+    b = tiled_forward(model, gray, tile=64)
+    assert torch.equal(a[2], b[2]) and torch.allclose(a[1], b[1], atol=1e-6)
+    from utils import resize_to_multiple
+    fused, depth, index = fast_forward(model, resize_to_multiple(gray[None]))
+    assert (a[2] == index[0]).float().mean() >= 0.999
+
+
+def _peak_rss_mb(size):
+    code = (f"import sys, resource, numpy as np, torch; sys.path.insert(0, {str(REPO)!r}); "
+            "torch.set_num_threads(1); from model import load_model; from fast_inference import tiled_forward; "
+            f"m = load_model({str(WEIGHTS)!r}); s = np.random.default_rng(0).integers(0, 256, (3, {size}, {size}), "
+            "dtype=np.uint8); tiled_forward(m, s, tile=64, halo=32, stat_passes=1, stats_tile=128); "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    return float(out.stdout.split()[-1])
+
+
+@pytest.mark.slow
+def test_tiled_memory_does_not_grow_with_image():
+    small, large = _peak_rss_mb(256), _peak_rss_mb(768)
+    # 9x the pixels: only the outputs (16 bytes per pixel) and the uint8 stack may grow.
+    grown_outputs = (768 ** 2 - 256 ** 2) * (16 + 3) / 2 ** 20
+    assert large - small <= grown_outputs + 40, (small, large)
