@@ -5,12 +5,18 @@ released resize up to a multiple of 32 and back); ``render_outputs`` turns
 one result into the six released pictures.
 """
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from utils import (depth_colormap, dtype_max, index_picture, resize_back, resize_to_multiple,
                    stack_to_tensor, to_uint8)
+
+# The weights every predict script uses unless --model_path says otherwise:
+# trained by this project (docs/weights.md); its model card beside it
+# (stackmffv2_synthetic.json) names the index rule they were trained for.
+DEFAULT_MODEL = Path(__file__).resolve().parent / "weights" / "stackmffv2_synthetic.pth"
 
 # Released output kinds: file-name stem used by predict_one_stack.py, folder
 # used by the dataset scripts, and file extension.

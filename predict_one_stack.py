@@ -10,11 +10,9 @@ import argparse
 import time
 from pathlib import Path
 
-from inference import OUTPUT_KINDS, fuse_images, render_outputs
-from model import load_model
+from inference import DEFAULT_MODEL, OUTPUT_KINDS, fuse_images, render_outputs
+from model import INDEX_RULES, load_model
 from utils import ensure_output_dir, read_stack, run_cli, select_device, write_image, write_npy
-
-DEFAULT_MODEL = "model.pth"
 
 
 def get_args_parser():
@@ -28,7 +26,11 @@ def get_args_parser():
     io.add_argument("--reverse", action="store_true",
                     help="save 1 - depth and N-1 - index (for stacks ordered far to near)")
     run = parser.add_argument_group("model")
-    run.add_argument("--model_path", type=str, default=DEFAULT_MODEL, help="StackMFF-V2 checkpoint")
+    run.add_argument("--model_path", type=str, default=str(DEFAULT_MODEL),
+                     help="StackMFF-V2 checkpoint (default: the project's own weights)")
+    run.add_argument("--index_rule", type=str, default=None, choices=INDEX_RULES,
+                     help="how the slice index is read from the focus logits (default: the rule in the "
+                          "checkpoint's model card, else the released minmax_round)")
     run.add_argument("--device", type=str, default=None, help="cpu, cuda, cuda:1, mps (default: best available)")
     return parser
 
@@ -46,7 +48,7 @@ def write_outputs(outputs: dict, paths: dict):
 def main(args):
     device = select_device(args.device)
     images, names = read_stack(args.input_dir)
-    model = load_model(args.model_path, device)
+    model = load_model(args.model_path, device, index_rule=args.index_rule)
     output_dir = ensure_output_dir(args.output_dir)
     start = time.perf_counter()
     result = fuse_images(model, images, device)
