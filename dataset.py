@@ -1,0 +1,222 @@
+"""Training data in the released layout, and a batch sampler that groups stacks by length.
+
+One dataset ("source") is a pair of folders::
+
+    <root>/image_stacks/<scene>/<1..N>.<ext>   focus slices, natural file-name order
+    <root>/depth_maps/<scene>.png              8- or 16-bit depth map (0 = slice 1)
+
+Every slice is read as the Y channel of YCbCr (for 8-bit images this equals
+OpenCV's BGR->GRAY, ITU-R 601 weights, which ``utils.to_gray_float`` applies),
+resized to the square training size with the depth map, and scaled to [0, 1].
+
+All the randomness of an epoch (order and flips) is drawn by
+``GroupedBatchSampler`` from (seed, epoch): the dataset itself is
+deterministic, so an epoch is the same whatever the number of loader workers,
+and a resumed run sees exactly the batches an uninterrupted one would.
+"""
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from utils import InputError, is_image_file, list_images, natural_sort_key, read_image, read_stack, to_gray_float
+
+STACK_FOLDER = "image_stacks"
+DEPTH_FOLDER = "depth_maps"
+
+
+@dataclass(frozen=True)
+class Scene:
+    """One training sample on disk: its slice folder, depth file and slice count."""
+    name: str
+    stack_dir: Path
+    depth_path: Path
+    num_slices: int
+
+
+def _check_folder(path, role: str) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{role} folder '{path}' does not exist")
+    if not path.is_dir():
+        raise InputError(f"{role} '{path}' is not a folder")
+    return path
+
+
+def find_scenes(stack_root, depth_root, min_slices: int = 2):
+    """Pair every scene folder under ``stack_root`` with ``depth_root/<scene>.<ext>``.
+
+    Returns Scenes in natural order of the scene names. InputError when a
+    folder is missing, holds no scenes, a scene has fewer than ``min_slices``
+    images, or a scene has no depth map (the first few are named).
+    """
+    stack_root = _check_folder(stack_root, "stack")
+    depth_root = _check_folder(depth_root, "depth map")
+    scene_dirs = sorted((p for p in stack_root.iterdir() if p.is_dir() and not p.name.startswith(".")),
+                        key=natural_sort_key)
+    if not scene_dirs:
+        raise InputError(f"stack folder '{stack_root}' holds no scene folders "
+                         f"(expected {STACK_FOLDER}/<scene>/<1..N>.png)")
+    depth_files = {}
+    for path in sorted(depth_root.iterdir(), key=natural_sort_key):
+        if path.is_file() and is_image_file(path) and not path.name.startswith("."):
+            # A .png wins over other formats of the same scene.
+            if path.stem not in depth_files or path.suffix.lower() == ".png":
+                depth_files[path.stem] = path
+    unmatched = [d.name for d in scene_dirs if d.name not in depth_files]
+    if unmatched:
+        shown = ", ".join(unmatched[:3]) + (", ..." if len(unmatched) > 3 else "")
+        raise InputError(f"{len(unmatched)} of {len(scene_dirs)} scenes in '{stack_root}' have no depth "
+                         f"map in '{depth_root}' (expected <scene>.png): {shown}")
+    scenes = []
+    for scene_dir in scene_dirs:
+        count = len(list_images(scene_dir))
+        if count < min_slices:
+            raise InputError(f"scene '{scene_dir}' has {count} image(s); a stack needs at least {min_slices}")
+        scenes.append(Scene(scene_dir.name, scene_dir, depth_files[scene_dir.name], count))
+    return scenes
+
+
+def dataset_name(stack_root) -> str:
+    """A short name for logs: the folder above ``image_stacks``, else the folder itself."""
+    path = Path(stack_root).resolve()
+    return path.parent.name if path.name == STACK_FOLDER and path.parent.name else path.name
+
+
+def _resize(image: np.ndarray, size: int) -> np.ndarray:
+    """Any image -> size x size; area averaging when shrinking (no aliasing), bilinear when enlarging."""
+    if image.shape[:2] == (size, size):
+        return image
+    shrink = image.shape[0] > size and image.shape[1] > size
+    return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+
+
+class FocusStackDataset(Dataset):
+    """Focus stacks with continuous depth maps from one or more sources.
+
+    sources: list of (stack_root, depth_root) pairs (the released
+    ``--train_stack`` / ``--train_depth_continuous`` folders).
+    Item ``k`` (or ``(k, hflip, vflip)``, as GroupedBatchSampler yields) is
+    (stack (N, S, S) float32 in [0, 1], depth (1, S, S) float32 in [0, 1]),
+    with the flips applied to every slice and the depth map alike.
+    ``subset_fraction`` keeps a random part of each source, chosen from ``seed``.
+    ``cache`` keeps the resized images in memory (per loader worker), which
+    pays off from the second epoch when decoding dominates (small sizes, CPU).
+    """
+
+    def __init__(self, sources, image_size: int, subset_fraction: float = 1.0, seed: int = 0,
+                 cache: bool = False):
+        if not 0 < subset_fraction <= 1:
+            raise InputError(f"subset fraction must be in (0, 1], got {subset_fraction}")
+        self.image_size = int(image_size)
+        self.scenes = []
+        for k, (stack_root, depth_root) in enumerate(sources):
+            scenes = find_scenes(stack_root, depth_root)
+            if subset_fraction < 1:
+                keep = max(1, round(len(scenes) * subset_fraction))
+                chosen = np.random.default_rng([seed, k]).choice(len(scenes), keep, replace=False)
+                scenes = [scenes[i] for i in sorted(chosen)]
+            self.scenes += scenes
+        self.cache = {} if cache else None
+
+    @property
+    def num_slices(self):
+        """Slice count N of every item, for grouping batches by length."""
+        return [scene.num_slices for scene in self.scenes]
+
+    def __len__(self):
+        return len(self.scenes)
+
+    def _load(self, index: int):
+        """Resized images of one scene: (N gray float32 SxS, depth float32 SxS), all in [0, 1]."""
+        if self.cache is not None and index in self.cache:
+            return self.cache[index]
+        scene, size = self.scenes[index], self.image_size
+        images, _ = read_stack(scene.stack_dir)
+        if len(images) != scene.num_slices:
+            raise InputError(f"scene '{scene.stack_dir}' changed while training: {len(images)} slices "
+                             f"instead of {scene.num_slices}")
+        # Resizing the integer image first keeps the gray conversion and the cache small.
+        stack = np.stack([to_gray_float(_resize(image, size)) for image in images])  # (N, S, S)
+        depth = to_gray_float(_resize(read_image(scene.depth_path), size))          # (S, S)
+        if self.cache is not None:
+            self.cache[index] = (stack, depth)
+        return stack, depth
+
+    def __getitem__(self, key):
+        index, hflip, vflip = (key, False, False) if isinstance(key, (int, np.integer)) else key
+        stack, depth = self._load(int(index))
+        stack = torch.from_numpy(stack)                 # (N, S, S)
+        depth = torch.from_numpy(depth)[None]           # (1, S, S)
+        dims = ([2] if hflip else []) + ([1] if vflip else [])
+        if dims:
+            stack, depth = stack.flip(dims), depth.flip(dims)
+        return stack.contiguous(), depth.contiguous()
+
+
+class GroupedBatchSampler(Sampler):
+    """Batches that hold stacks of one length only, sharded across processes.
+
+    num_slices: N of every item. Each epoch (``set_epoch``) the items of each
+    length are shuffled with a generator seeded by (seed, epoch), cut into
+    batches of ``batch_size`` (the last of a length may be smaller unless
+    ``drop_last``), and the batches of all lengths are shuffled together.
+    With ``augment`` every item comes as (index, hflip, vflip) with the flips
+    drawn from the same generator.
+
+    Sharding (DDP): rank r takes batches r, r + R, r + 2R, ... With
+    ``pad=True`` (training) the batch list is first repeated up to a multiple
+    of R so that every process runs the same number of steps; with
+    ``pad=False`` (validation) no batch is seen twice.
+    """
+
+    def __init__(self, num_slices, batch_size: int, shuffle: bool = True, augment: bool = False,
+                 seed: int = 0, num_replicas: int = 1, rank: int = 0, drop_last: bool = False,
+                 pad: bool = True):
+        if batch_size < 1:
+            raise InputError(f"batch size must be at least 1, got {batch_size}")
+        self.num_slices = list(num_slices)
+        self.batch_size, self.shuffle, self.augment = batch_size, shuffle, augment
+        self.seed, self.num_replicas, self.rank = seed, num_replicas, rank
+        self.drop_last, self.pad = drop_last, pad
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def _all_batches(self, rng):
+        groups = {}
+        for index, n in enumerate(self.num_slices):
+            groups.setdefault(n, []).append(index)
+        batches = []
+        for n in sorted(groups):
+            indices = np.array(groups[n])
+            if self.shuffle:
+                indices = rng.permutation(indices)
+            for start in range(0, len(indices), self.batch_size):
+                batch = indices[start:start + self.batch_size]
+                if len(batch) == self.batch_size or not self.drop_last:
+                    batches.append(batch.tolist())
+        if self.shuffle:
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        if self.augment:
+            batches = [[(i, bool(h), bool(v)) for i, (h, v) in zip(b, rng.random((len(b), 2)) < 0.5)]
+                       for b in batches]
+        return batches
+
+    def _shard(self, batches):
+        if self.pad and batches and len(batches) % self.num_replicas:
+            total = math.ceil(len(batches) / self.num_replicas) * self.num_replicas
+            batches = (batches * math.ceil(total / len(batches)))[:total]
+        return batches[self.rank::self.num_replicas]
+
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed, self.epoch])
+        return iter(self._shard(self._all_batches(rng)))
+
+    def __len__(self):
+        return len(self._shard(self._all_batches(np.random.default_rng(0))))

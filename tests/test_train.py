@@ -1,0 +1,208 @@
+"""train.py: released flags, init, loss, a tiny end-to-end run, checkpoints, resume, errors, torchrun."""
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import train
+from model import StackMFFV2, load_model
+from network_blocks import ConvGRUCell
+from synthetic_stacks import make_dataset
+from utils import InputError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    return {"train": make_dataset(root / "train", num_scenes=16, slice_counts=(4, 6), size=64, seed=1),
+            "val": make_dataset(root / "val", num_scenes=6, slice_counts=(4, 6), size=64, seed=2)}
+
+
+def tiny_args(data, save_dir, *extra):
+    return train.get_args_parser().parse_args([
+        "--train_dataset", *data["train"], "--val_dataset", *data["val"],
+        "--training_image_size", "64", "--batch_size", "4", "--num_epochs", "2", "--lr", "2e-3",
+        "--num_workers", "0", "--num_threads", "1", "--device", "cpu",
+        "--save_dir", str(save_dir), "--save_name", "run", *extra])
+
+
+@pytest.fixture(scope="module")
+def reference_run(data, tmp_path_factory):
+    """Two uninterrupted epochs: (summary, run folder)."""
+    save_dir = tmp_path_factory.mktemp("runs")
+    summary = train.main(tiny_args(data, save_dir))
+    return summary, save_dir / "run"
+
+
+class TestArguments:
+    parser = train.get_args_parser()
+
+    @pytest.mark.parametrize("text, value", [("True", True), ("False", False), ("false", False), ("0", False),
+                                             ("1", True), ("yes", True), ("no", False)])
+    def test_released_boolean_flags(self, text, value):
+        args = self.parser.parse_args(["--use_train_dataset_2", text, "--use_val_dataset_5", text])
+        assert args.use_train_dataset_2 is value and args.use_val_dataset_5 is value
+        assert args.use_train_dataset_1 is True  # untouched default
+
+    def test_bare_boolean_flag_is_true_and_junk_is_refused(self, capsys):
+        assert self.parser.parse_args(["--use_val_dataset_3"]).use_val_dataset_3 is True
+        with pytest.raises(SystemExit):
+            self.parser.parse_args(["--use_train_dataset_1", "maybe"])
+        assert "expected a boolean" in capsys.readouterr().err
+
+    def test_released_defaults(self):
+        args = self.parser.parse_args([])
+        assert (args.batch_size, args.num_epochs, args.lr, args.lr_decay, args.training_image_size,
+                args.loss) == (12, 50, 1e-3, 0.9, 384, "mse")
+
+    def test_sources_from_released_slots_and_repeatable_flag(self):
+        args = self.parser.parse_args([
+            "--train_stack", "a/s", "--train_depth_continuous", "a/d",
+            "--train_stack_3", "c/s", "--train_depth_continuous_3", "c/d",
+            "--train_stack_4", "d/s", "--train_depth_continuous_4", "d/d", "--use_train_dataset_4", "False",
+            "--train_dataset", "x/s", "x/d", "--train_dataset", "y/s", "y/d"])
+        assert train.dataset_sources(args, "train") == [("x/s", "x/d"), ("y/s", "y/d"), ("a/s", "a/d"),
+                                                        ("c/s", "c/d")]
+        assert train.dataset_sources(args, "val") == []
+
+    def test_stack_without_depth_is_an_error(self):
+        args = self.parser.parse_args(["--val_stack_2", "v/s"])
+        with pytest.raises(InputError, match="--val_stack_2 is given without --val_depth_continuous_2"):
+            train.dataset_sources(args, "val")
+
+    def test_training_size_must_be_a_multiple_of_32(self):
+        with pytest.raises(SystemExit):
+            self.parser.parse_args(["--training_image_size", "100"])
+
+
+class TestInitAndLoss:
+    def test_released_init(self):
+        torch.manual_seed(0)
+        model = StackMFFV2()
+        train.init_weights(model)
+        gates = model.layer_interaction.layer_interaction_depth.forward_cell_list[0].conv_gates.weight
+        flat = gates.reshape(gates.shape[0], -1)                 # (32, 216): orthogonal rows
+        torch.testing.assert_close(flat @ flat.T, torch.eye(32), atol=1e-5, rtol=0)
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        assert linears and all(abs(m.weight.std().item() - 0.001) < 0.0005 for m in linears)
+        norms = [m for m in model.modules() if isinstance(m, nn.GroupNorm)]
+        assert all(torch.all(m.weight == 1) and torch.all(m.bias == 0) for m in norms)
+        biases = [m.bias for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and m.bias is not None]
+        assert all(torch.all(b == 0) for b in biases)
+        conv = model.feature_extraction.encoder1[0].weight       # fan_out = 8 * 3 * 3
+        assert abs(conv.std().item() - (2 / 72) ** 0.5) < 0.07
+        for cell in (m for m in model.modules() if isinstance(m, ConvGRUCell)):
+            can = cell.conv_can.weight.reshape(16, -1)           # (16, 216)
+            torch.testing.assert_close(can @ can.T, torch.eye(16), atol=1e-5, rtol=0)
+
+    def test_mse_is_the_released_loss_and_ce_adds_a_term(self):
+        torch.manual_seed(0)
+        logits = torch.randn(2, 4, 8, 8)
+        depth, target = torch.rand(2, 1, 8, 8), torch.rand(2, 1, 8, 8)
+        mse = train.depth_loss(logits, depth, target, "mse")
+        torch.testing.assert_close(mse, ((depth - target) ** 2).mean())
+        # Logits that put all mass on the true bin make the cross-entropy vanish.
+        index = (target[:, 0] * 4).floor().clamp(0, 3).long()
+        perfect = torch.nn.functional.one_hot(index, 4).permute(0, 3, 1, 2).float() * 50
+        torch.testing.assert_close(train.depth_loss(perfect, depth, target, "mse+ce"), mse, atol=1e-6, rtol=0)
+        assert train.depth_loss(logits, depth, target, "mse+ce", ce_weight=1.0) > mse + 1.0
+
+
+class TestTraining:
+    def test_validation_loss_drops(self, reference_run, data):
+        summary, run_dir = reference_run
+        # Loss of the released init on the validation set, before any step.
+        args = tiny_args(data, run_dir.parent)
+        torch.manual_seed(args.seed)
+        model = StackMFFV2()
+        train.init_weights(model)
+        from dataset import FocusStackDataset, GroupedBatchSampler
+        val_set = FocusStackDataset([data["val"]], 64)
+        loader = train.make_loader(val_set, GroupedBatchSampler(val_set.num_slices, 4, shuffle=False), 0,
+                                   torch.device("cpu"))
+        initial, _, _ = train.evaluate(train.LogitsAndDepth(model), loader, train.Runtime(torch.device("cpu")), args)
+        final = summary["history"][-1]["val"]["val"][0]
+        assert final < 0.7 * initial, (initial, final)
+        with open(run_dir / "validation.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+        assert [r["epoch"] for r in rows] == ["1", "2"]
+        assert float(rows[1]["val_mse"]) == pytest.approx(final, rel=1e-4)
+        assert float(rows[1]["lr"]) == pytest.approx(2e-3 * 0.9)
+        assert sorted(p.name for p in (run_dir / "pictures").iterdir()) == ["val_epoch001.png", "val_epoch002.png"]
+        assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+        assert "git_commit" in (run_dir / "run_info.json").read_text()
+
+    def test_checkpoints_load_with_load_model(self, reference_run):
+        _, run_dir = reference_run
+        assert {p.name for p in run_dir.glob("*.pth")} == {"last.pth", "best.pth", "epoch_001.pth", "epoch_002.pth"}
+        state = torch.load(run_dir / "last.pth", map_location="cpu", weights_only=True)
+        assert state["epoch"] == 2 and not any(k.startswith("module.") for k in state["model"])
+        assert {"optimizer", "scheduler", "args", "rng"} <= set(state)
+        model = load_model(run_dir / "last.pth", "cpu")
+        for key, value in model.state_dict().items():
+            assert torch.equal(value, state["model"][key])
+
+    def test_resume_after_an_interrupted_epoch_gives_the_same_weights(self, reference_run, data, tmp_path,
+                                                                      monkeypatch):
+        original = train.train_one_epoch
+
+        def interrupted(net, loader, optimizer, scaler, runtime, epoch, args, writer=None):
+            if epoch == 1:  # take two optimiser steps of the second epoch, then "crash"
+                args.max_steps_per_epoch = 2
+                original(net, loader, optimizer, scaler, runtime, epoch, args, writer)
+                raise KeyboardInterrupt
+            return original(net, loader, optimizer, scaler, runtime, epoch, args, writer)
+
+        monkeypatch.setattr(train, "train_one_epoch", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            train.main(tiny_args(data, tmp_path))
+        monkeypatch.setattr(train, "train_one_epoch", original)
+        train.main(tiny_args(data, tmp_path, "--resume", str(tmp_path / "run" / "last.pth")))
+
+        expected = torch.load(reference_run[1] / "last.pth", weights_only=True)
+        resumed = torch.load(tmp_path / "run" / "last.pth", weights_only=True)
+        for key, value in expected["model"].items():
+            torch.testing.assert_close(resumed["model"][key], value, atol=0, rtol=0, msg=key)
+        assert resumed["scheduler"] == expected["scheduler"] and resumed["epoch"] == 2
+        with open(tmp_path / "run" / "validation.csv", newline="") as f:
+            assert [r["epoch"] for r in csv.DictReader(f)] == ["1", "2"]
+
+    def test_non_finite_loss_stops_the_run(self, data, tmp_path, monkeypatch):
+        monkeypatch.setattr(train, "depth_loss", lambda logits, *a: logits.sum() * float("nan"))
+        with pytest.raises(InputError, match="loss became nan at epoch 1, step 1"):
+            train.main(tiny_args(data, tmp_path))
+        assert not list((tmp_path / "run").glob("*.pth"))
+
+    def test_resume_from_bare_weights_is_refused(self, data, tmp_path):
+        torch.save(StackMFFV2().state_dict(), tmp_path / "weights.pth")
+        with pytest.raises(InputError, match="weights only.*--pretrained"):
+            train.main(tiny_args(data, tmp_path, "--resume", str(tmp_path / "weights.pth")))
+
+    def test_cli_error_is_one_line(self, tmp_path):
+        result = subprocess.run([sys.executable, "train.py", "--train_dataset", str(tmp_path / "no"),
+                                 str(tmp_path / "no_depth")], cwd=REPO, capture_output=True, text=True)
+        assert result.returncode == 2
+        assert result.stderr.strip().splitlines() == [f"error: stack folder '{tmp_path / 'no'}' does not exist"]
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_processes(data, tmp_path):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "train.py", "--train_dataset", *data["train"], "--val_dataset", *data["val"],
+               "--training_image_size", "32", "--batch_size", "2", "--num_epochs", "1", "--num_workers", "0",
+               "--num_threads", "1", "--device", "cpu", "--max_steps_per_epoch", "3",
+               "--save_dir", str(tmp_path), "--save_name", "ddp"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("epoch 1/1: train loss") == 1  # only the main process reports
+    state = torch.load(tmp_path / "ddp" / "last.pth", weights_only=True)
+    assert state["args"]["batch_size"] == 2 and len(state["rng"]) == 2
+    model = load_model(tmp_path / "ddp" / "last.pth")
+    assert np.isfinite(sum(v.abs().sum().item() for v in model.state_dict().values()))

@@ -1,0 +1,568 @@
+"""Train StackMFF-V2 on focus stacks with continuous depth maps.
+
+    python train.py --train_dataset data/NYU/image_stacks data/NYU/depth_maps \\
+                    --val_dataset data/NYU_val/image_stacks data/NYU_val/depth_maps
+
+As released: MSE between the network's normalised depth and depth/255, AdamW
+(lr 1e-3), learning rate x0.9 per epoch, 50 epochs, batch 12, 384 x 384,
+random flips, batches of one stack length. The released flags (--train_stack,
+--train_depth_continuous, ..._2 to _5, --use_train_dataset_N True/False, ...)
+still work. Multi-GPU / multi-node: torchrun --nproc_per_node=K train.py ...
+See docs/training.md.
+"""
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import random
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from dataset import FocusStackDataset, GroupedBatchSampler, dataset_name
+from model import StackMFFV2, depth_map_creation, load_model
+from network_blocks import ConvGRUCell
+from utils import (InputError, _atomic_write_bytes, depth_colormap, ensure_output_dir, run_cli,
+                   select_device, write_image)
+
+RELEASED_SLOTS = 5          # --train_stack, --train_stack_2 ... --train_stack_5
+LOSSES = ("mse", "mse+ce")
+TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes", "y", "on"), ("false", "0", "no", "n", "off")
+
+
+def parse_bool(text) -> bool:
+    """'True'/'false'/'1'/'0'/'yes'/'no' -> bool (the released flags took such strings)."""
+    word = str(text).strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (true/false, 1/0, yes/no), got {text!r}")
+
+
+def training_size(text) -> int:
+    size = int(text)
+    if size < 32 or size % 32:
+        raise argparse.ArgumentTypeError(f"the training size must be a positive multiple of 32, got {size}")
+    return size
+
+
+def fraction(text) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {value}")
+    return value
+
+
+def slot_suffix(slot: int) -> str:
+    return "" if slot == 1 else f"_{slot}"
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = parser.add_argument_group("data (image_stacks/<scene>/<k>.<ext> + depth_maps/<scene>.png)")
+    data.add_argument("--train_dataset", nargs=2, action="append", default=[], metavar=("STACK_DIR", "DEPTH_DIR"),
+                      help="a training set; repeat the flag for more")
+    data.add_argument("--val_dataset", nargs=2, action="append", default=[], metavar=("STACK_DIR", "DEPTH_DIR"),
+                      help="a validation set, reported on its own; repeat the flag for more")
+    released = parser.add_argument_group("released dataset flags (kept for compatibility)")
+    for split in ("train", "val"):
+        for slot in range(1, RELEASED_SLOTS + 1):
+            s = slot_suffix(slot)
+            released.add_argument(f"--{split}_stack{s}", type=str, default=None,
+                                  help=f"{split} set {slot}: image_stacks folder")
+            released.add_argument(f"--{split}_depth_continuous{s}", type=str, default=None,
+                                  help=f"{split} set {slot}: depth_maps folder")
+            released.add_argument(f"--use_{split}_dataset_{slot}", type=parse_bool, nargs="?", const=True,
+                                  default=True, metavar="BOOL", help=f"use {split} set {slot} (default true)")
+    data.add_argument("--training_image_size", type=training_size, default=384,
+                      help="slices and depth maps are resized to this square size (multiple of 32)")
+    data.add_argument("--subset_fraction_train", type=fraction, default=1.0,
+                      help="random part of each training set to use")
+    data.add_argument("--subset_fraction_val", type=fraction, default=1.0,
+                      help="random part of each validation set to use")
+    data.add_argument("--num_workers", type=int, default=2, help="data loader processes (0: load in the main one)")
+    data.add_argument("--cache_images", action="store_true",
+                      help="keep resized images in memory after the first epoch (each worker holds its own copy)")
+
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--batch_size", type=int, default=12, help="stacks per batch and per process")
+    optim.add_argument("--num_epochs", type=int, default=50)
+    optim.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
+    optim.add_argument("--lr_decay", type=float, default=0.9, help="learning rate factor after every epoch")
+    optim.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay (PyTorch default)")
+    optim.add_argument("--loss", choices=LOSSES, default="mse",
+                       help="mse: released (normalised depth vs depth/255); mse+ce: plus a cross-entropy of "
+                            "the focus logits against the ground-truth slice index")
+    optim.add_argument("--ce_weight", type=float, default=0.1, help="weight of the cross-entropy term (mse+ce)")
+    optim.add_argument("--max_steps_per_epoch", type=int, default=None, help="cut every epoch after this many steps")
+    optim.add_argument("--max_val_batches", type=int, default=None, help="validate on this many batches per set")
+    optim.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
+                       help="float16 autocast on CUDA (the softmax over slices stays float32); ignored on CPU")
+    optim.add_argument("--pretrained", type=str, default=None,
+                       help="start from these weights (e.g. the official model.pth) instead of the released init")
+
+    run = parser.add_argument_group("run")
+    run.add_argument("--save_dir", type=str, default="runs", help="parent folder of the run folders")
+    run.add_argument("--save_name", type=str, default="stackmff_v2",
+                     help="run folder name: checkpoints, CSV, pictures and TensorBoard logs go there")
+    run.add_argument("--resume", type=str, default=None,
+                     help="checkpoint written by this script: continue after its epoch")
+    run.add_argument("--eval_interval", type=int, default=1, help="validate every this many epochs (and at the end)")
+    run.add_argument("--keep_epoch_checkpoints", action=argparse.BooleanOptionalAction, default=True,
+                     help="keep epoch_XXX.pth for every epoch besides last.pth and best.pth")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--device", type=str, default=None, help="cpu, cuda, cuda:1, mps (default: best available)")
+    run.add_argument("--num_threads", type=int, default=None, help="CPU threads for PyTorch (default: its own)")
+    run.add_argument("--dist_backend", choices=("nccl", "gloo"), default=None,
+                     help="under torchrun (default: nccl on CUDA, gloo on CPU)")
+    return parser
+
+
+# ----------------------------------------------------------------------------- data
+
+def dataset_sources(args, split: str):
+    """[(stack_dir, depth_dir)] from --{split}_dataset and the released numbered flags."""
+    sources = [tuple(pair) for pair in getattr(args, f"{split}_dataset")]
+    for slot in range(1, RELEASED_SLOTS + 1):
+        s = slot_suffix(slot)
+        stack, depth = getattr(args, f"{split}_stack{s}"), getattr(args, f"{split}_depth_continuous{s}")
+        if not getattr(args, f"use_{split}_dataset_{slot}") or (stack is None and depth is None):
+            continue
+        if stack is None or depth is None:
+            given, missing = ("stack", "depth_continuous") if depth is None else ("depth_continuous", "stack")
+            raise InputError(f"--{split}_{given}{s} is given without --{split}_{missing}{s}")
+        sources.append((stack, depth))
+    return sources
+
+
+def make_loader(dataset, sampler, num_workers: int, device) -> DataLoader:
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
+                      pin_memory=device.type == "cuda", persistent_workers=num_workers > 0)
+
+
+# ----------------------------------------------------------------------------- model
+
+def init_weights(model: nn.Module):
+    """Released initialisation (ARCHITECTURE.md, "Training as released").
+
+    Convs Kaiming-normal (fan_out, relu) with zero bias, GRU convs orthogonal
+    with zero bias, norms weight 1 bias 0, linear layers normal(std 0.001).
+    """
+    gru_convs = {id(conv) for cell in model.modules() if isinstance(cell, ConvGRUCell)
+                 for conv in (cell.conv_gates, cell.conv_can)}
+    for module in model.modules():
+        if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+            if id(module) in gru_convs:
+                nn.init.orthogonal_(module.weight)
+            else:
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.GroupNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.001)
+            nn.init.zeros_(module.bias)
+
+
+class LogitsAndDepth(nn.Module):
+    """Training view of StackMFFV2: x (B, N, H, W) -> (logits (B, N, H, W), depth (B, 1, H, W) in [0, 1]).
+
+    DDP must wrap a module whose forward gives everything the loss needs.
+    """
+
+    def __init__(self, net: StackMFFV2):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        logits = self.net.focus_logits(x)
+        return logits, depth_map_creation(logits)
+
+
+def depth_loss(logits, depth, target, loss: str = "mse", ce_weight: float = 0.1) -> torch.Tensor:
+    """Released MSE of depth (B, 1, H, W) vs target (B, 1, H, W) in [0, 1], plus for
+    ``mse+ce`` a cross-entropy of logits (B, N, H, W) against the ground-truth
+    slice index floor(target * N) (the bins of make_datasets.synthesis)."""
+    value = F.mse_loss(depth.float(), target)
+    if loss == "mse+ce":
+        n = logits.shape[1]
+        slice_index = (target[:, 0] * n).floor().clamp(0, n - 1).long()   # (B, H, W)
+        value = value + ce_weight * F.cross_entropy(logits.float(), slice_index)
+    return value
+
+
+# ----------------------------------------------------------------------------- processes
+
+@dataclass
+class Runtime:
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_runtime(args) -> Runtime:
+    """Device and, under torchrun (WORLD_SIZE > 1), the process group."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Runtime(select_device(args.device))
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    device = select_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank if device.index is None else device.index)
+        torch.cuda.set_device(device)
+    elif device.type != "cpu":
+        raise InputError(f"distributed training runs on CUDA or CPU, not on '{device}'")
+    dist.init_process_group(args.dist_backend or ("nccl" if device.type == "cuda" else "gloo"))
+    return Runtime(device, rank, world_size)
+
+
+def all_sum(values, runtime: Runtime) -> torch.Tensor:
+    """Sum of a float64 vector over processes (the vector itself when alone)."""
+    tensor = torch.as_tensor(values, dtype=torch.float64)
+    if runtime.distributed:
+        on_device = tensor.to(runtime.device)
+        dist.all_reduce(on_device)
+        tensor = on_device.cpu()
+    return tensor
+
+
+def git_commit() -> str:
+    """HEAD of the repository this script lives in, '+dirty' when edited; 'unknown' without git."""
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=here, capture_output=True,
+                                text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return commit + ("+dirty" if dirty else "")
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def rng_state() -> dict:
+    """Random states as tensors and plain values (loadable with weights_only=True)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached)}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict):
+    torch.set_rng_state(state["torch"])
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path, state: dict):
+    """torch.save to memory, then an atomic write: a crash never leaves a half-written file."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    _atomic_write_bytes(path, buffer.getvalue())
+
+
+def read_checkpoint(path) -> dict:
+    """A training checkpoint of this script, or InputError saying why it is not one."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise InputError(f"checkpoint '{path}' does not exist") from None
+    except Exception as exc:  # torch.load raises many kinds for a foreign or broken file
+        raise InputError(f"checkpoint '{path}' is not a readable PyTorch checkpoint ({type(exc).__name__})") from None
+    needed = ("model", "optimizer", "scheduler", "epoch")
+    if not isinstance(state, dict) or any(key not in state for key in needed):
+        raise InputError(f"checkpoint '{path}' holds weights only, not a training state to resume "
+                         f"(use --pretrained to start from its weights)")
+    return state
+
+
+# ----------------------------------------------------------------------------- one epoch
+
+def train_one_epoch(net, loader, optimizer, scaler, runtime: Runtime, epoch: int, args, writer=None) -> float:
+    """One pass over the loader; returns the mean loss over processes and steps.
+
+    A non-finite loss stops the run (InputError with the epoch and step).
+    """
+    net.train()
+    device, use_amp = runtime.device, args.amp and runtime.device.type == "cuda"
+    steps = len(loader) if args.max_steps_per_epoch is None else min(len(loader), args.max_steps_per_epoch)
+    total, count = 0.0, 0
+    bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{args.num_epochs}", disable=not runtime.main, leave=False)
+    for step, (stack, target) in enumerate(loader):
+        if step >= steps:
+            break
+        stack = stack.to(device, non_blocking=True)    # (B, N, S, S)
+        target = target.to(device, non_blocking=True)  # (B, 1, S, S)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+            logits, depth = net(stack)
+        loss = depth_loss(logits, depth, target, args.loss, args.ce_weight)
+        value = loss.detach().float()
+        if runtime.distributed:  # every process must take the same decision below
+            dist.all_reduce(value)
+            value /= runtime.world_size
+        value = value.item()
+        if not math.isfinite(value):
+            raise InputError(f"the loss became {value} at epoch {epoch + 1}, step {step + 1} "
+                             f"(lr {optimizer.param_groups[0]['lr']:.3g}); stopping. Try a lower --lr, "
+                             f"--no-amp, or check the data")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        total, count = total + value, count + 1
+        if writer is not None:
+            writer.add_scalar("train/loss", value, epoch * steps + step)
+        bar.set_postfix(loss=f"{value:.4f}")
+        bar.update()
+    bar.close()
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def evaluate(net: nn.Module, loader, runtime: Runtime, args):
+    """Depth MSE and MAE over all pixels of one validation set (all processes).
+
+    net: the unwrapped LogitsAndDepth. Returns (mse, mae, example) with example
+    (predicted, true) depth SxS float arrays of this process's first stack.
+    """
+    net.eval()
+    device, use_amp = runtime.device, args.amp and runtime.device.type == "cuda"
+    sums, example = torch.zeros(3, dtype=torch.float64), None
+    for batch, (stack, target) in enumerate(loader):
+        if args.max_val_batches is not None and batch >= args.max_val_batches:
+            break
+        stack, target = stack.to(device), target.to(device)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+            _, depth = net(stack)
+        error = depth.float() - target
+        sums += torch.tensor([error.square().sum().item(), error.abs().sum().item(), error.numel()],
+                             dtype=torch.float64)
+        if example is None:
+            example = (depth[0, 0].float().cpu().numpy(), target[0, 0].cpu().numpy())
+    sums = all_sum(sums, runtime)
+    count = max(sums[2].item(), 1.0)
+    return sums[0].item() / count, sums[1].item() / count, example
+
+
+def comparison_picture(predicted: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Predicted | ground truth | absolute error, colour-mapped: H x (3W + 8) x 3 uint8 BGR."""
+    gap = np.full((predicted.shape[0], 4, 3), 255, np.uint8)
+    panels = [depth_colormap(predicted), gap, depth_colormap(truth), gap,
+              depth_colormap(np.abs(predicted - truth))]
+    return np.concatenate(panels, axis=1)
+
+
+# ----------------------------------------------------------------------------- the run
+
+class RunLog:
+    """The run folder's validation CSV, TensorBoard writer, pictures and run_info.json (main process only)."""
+
+    def __init__(self, run_dir: Path, names, start_epoch: int, info: dict):
+        from torch.utils.tensorboard import SummaryWriter
+        self.run_dir, self.names = run_dir, names
+        self.csv_path = run_dir / "validation.csv"
+        self.columns = ["epoch", "train_loss", "lr"] + [f"{n}_{m}" for n in names for m in ("mse", "mae")]
+        self.columns += ["mean_val_mse"]
+        rows = []
+        if start_epoch > 0 and self.csv_path.exists():  # drop rows of epochs that will be redone
+            with open(self.csv_path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if int(r["epoch"]) <= start_epoch]
+        self._write_rows(rows)
+        self.pictures = ensure_output_dir(run_dir / "pictures")
+        self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_epoch or None)
+        _atomic_write_bytes(run_dir / "run_info.json", json.dumps(info, indent=2).encode())
+
+    def _write_rows(self, rows):
+        text = io.StringIO()
+        out = csv.DictWriter(text, fieldnames=self.columns, extrasaction="ignore", lineterminator="\n")
+        out.writeheader()
+        out.writerows(rows)
+        _atomic_write_bytes(self.csv_path, text.getvalue().encode())
+
+    def add_epoch(self, epoch: int, train_loss: float, lr: float, metrics: dict):
+        row = {"epoch": epoch, "train_loss": f"{train_loss:.6g}", "lr": f"{lr:.6g}"}
+        self.writer.add_scalar("train/epoch_loss", train_loss, epoch)
+        self.writer.add_scalar("train/lr", lr, epoch)
+        for name, (mse, mae, example) in metrics.items():
+            row[f"{name}_mse"], row[f"{name}_mae"] = f"{mse:.6g}", f"{mae:.6g}"
+            self.writer.add_scalar(f"val/{name}/mse", mse, epoch)
+            self.writer.add_scalar(f"val/{name}/mae", mae, epoch)
+            if example is not None:
+                picture = comparison_picture(*example)
+                write_image(self.pictures / f"{name}_epoch{epoch:03d}.png", picture)
+                self.writer.add_image(f"val/{name}/predicted_truth_error", picture[..., ::-1].copy(), epoch,
+                                      dataformats="HWC")
+        if metrics:
+            row["mean_val_mse"] = f"{np.mean([m[0] for m in metrics.values()]):.6g}"
+            self.writer.add_scalar("val/mean_mse", float(row["mean_val_mse"]), epoch)
+        with open(self.csv_path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        self._write_rows(rows + [row])
+        self.writer.flush()
+
+    def close(self):
+        self.writer.close()
+
+
+def unique_names(sources):
+    """Log names of the validation sets: folder names, numbered when they repeat."""
+    names = []
+    for stack_dir, _ in sources:
+        base = dataset_name(stack_dir) or "val"
+        name, k = base, 2
+        while name in names:
+            name, k = f"{base}_{k}", k + 1
+        names.append(name)
+    return names
+
+
+def run_training(args, runtime: Runtime) -> dict:
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    seed_everything(args.seed)
+    train_sources, val_sources = dataset_sources(args, "train"), dataset_sources(args, "val")
+    if not train_sources:
+        raise InputError("no training data: give --train_dataset STACK_DIR DEPTH_DIR "
+                         "(or the released --train_stack / --train_depth_continuous)")
+    size, world, rank = args.training_image_size, runtime.world_size, runtime.rank
+    train_set = FocusStackDataset(train_sources, size, args.subset_fraction_train, args.seed, args.cache_images)
+    train_sampler = GroupedBatchSampler(train_set.num_slices, args.batch_size, shuffle=True, augment=True,
+                                        seed=args.seed, num_replicas=world, rank=rank)
+    train_loader = make_loader(train_set, train_sampler, args.num_workers, runtime.device)
+    val_names = unique_names(val_sources)
+    val_loaders = {}
+    for name, source in zip(val_names, val_sources):
+        val_set = FocusStackDataset([source], size, args.subset_fraction_val, args.seed, args.cache_images)
+        sampler = GroupedBatchSampler(val_set.num_slices, args.batch_size, shuffle=False, seed=args.seed,
+                                      num_replicas=world, rank=rank, pad=False)
+        val_loaders[name] = make_loader(val_set, sampler, args.num_workers, runtime.device)
+
+    model = StackMFFV2()
+    init_weights(model)
+    if args.pretrained:
+        model.load_state_dict(load_model(args.pretrained).state_dict())
+    net = LogitsAndDepth(model).to(runtime.device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=args.lr_decay)
+    scaler = torch.amp.GradScaler("cuda", enabled=args.amp and runtime.device.type == "cuda")
+
+    start_epoch, best = 0, math.inf
+    if args.resume:
+        state = read_checkpoint(args.resume)
+        model.load_state_dict(load_model(args.resume).state_dict())
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if "scaler" in state and scaler.is_enabled():
+            scaler.load_state_dict(state["scaler"])
+        start_epoch, best = int(state["epoch"]), float(state.get("best_metric", math.inf))
+        rng = state.get("rng")
+        if isinstance(rng, list) and len(rng) == world:
+            set_rng_state(rng[rank])
+    train_model = net
+    if runtime.distributed:
+        device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+        train_model = nn.parallel.DistributedDataParallel(net, device_ids=device_ids)
+
+    run_dir, log = Path(args.save_dir) / args.save_name, None
+    commit = git_commit()
+    if runtime.main:
+        ensure_output_dir(run_dir)
+        info = {"args": vars(args), "seed": args.seed, "git_commit": commit, "torch": torch.__version__,
+                "device": str(runtime.device), "world_size": world, "train_stacks": len(train_set),
+                "start_epoch": start_epoch}
+        log = RunLog(run_dir, val_names, start_epoch, info)
+        print(f"seed {args.seed}, git commit {commit}, device {runtime.device} x {world}; "
+              f"{len(train_set)} training stacks ({len(train_loader)} batches per process), "
+              f"{len(val_loaders)} validation set(s); run folder {run_dir}"
+              + (f"; resuming after epoch {start_epoch}" if args.resume else ""))
+
+    history = []
+    try:
+        for epoch in range(start_epoch, args.num_epochs):
+            train_sampler.set_epoch(epoch)
+            lr = optimizer.param_groups[0]["lr"]
+            start = time.perf_counter()
+            train_loss = train_one_epoch(train_model, train_loader, optimizer, scaler, runtime, epoch, args,
+                                         log.writer if log else None)
+            seconds = time.perf_counter() - start
+            scheduler.step()
+            done = epoch + 1
+            metrics = {}
+            if val_loaders and (done % args.eval_interval == 0 or done == args.num_epochs):
+                metrics = {name: evaluate(net, loader, runtime, args) for name, loader in val_loaders.items()}
+            score = float(np.mean([m[0] for m in metrics.values()])) if metrics else (
+                train_loss if not val_loaders else None)
+            improved = score is not None and score < best
+            best = score if improved else best
+            rng = rng_state()
+            if runtime.distributed:
+                states = [None] * world
+                dist.all_gather_object(states, rng)
+            else:
+                states = [rng]
+            history.append({"epoch": done, "train_loss": train_loss, "val": {n: m[:2] for n, m in metrics.items()},
+                            "seconds": seconds})
+            if runtime.main:
+                log.add_epoch(done, train_loss, lr, metrics)
+                state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": done,
+                         "best_metric": best, "args": vars(args), "rng": states, "git_commit": commit}
+                save_checkpoint(run_dir / "last.pth", state)
+                if args.keep_epoch_checkpoints:
+                    save_checkpoint(run_dir / f"epoch_{done:03d}.pth", state)
+                if improved:
+                    save_checkpoint(run_dir / "best.pth", state)
+                shown = ", ".join(f"{n} mse {m[0]:.5f} mae {m[1]:.5f}" for n, m in metrics.items())
+                print(f"epoch {done}/{args.num_epochs}: train loss {train_loss:.5f}, lr {lr:.3g}, "
+                      f"{seconds:.1f} s" + (f"; {shown}" if shown else "") + (" (best)" if improved else ""))
+    finally:
+        if log:
+            log.close()
+    return {"run_dir": run_dir, "best_metric": best, "history": history}
+
+
+def main(args):
+    runtime = setup_runtime(args)
+    try:
+        return run_training(args, runtime)
+    finally:
+        if runtime.distributed:
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    run_cli(main, get_args_parser())
