@@ -13,25 +13,25 @@ k / (N - 1)) the focus logits get a per-pixel cross-entropy against k. The
 cross-entropy trains exactly what the ``argmax`` index rule reads at
 inference; the shipped weights record that rule next to them.
 
-This is a compact fallback for a small CPU budget; the project's train.py is
-the general trainer (real data, validation, resume).
+A compact loop for a small CPU budget (no loader processes, no validation, no
+resume); train.py is the general trainer (real data, validation, resume,
+DDP) and lends its released initialisation here.
 """
 import argparse
 import json
 import math
 import os
-import subprocess
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from make_datasets.make_synthetic import depth_map_to_index
 from model import StackMFFV2, depth_map_creation, write_model_card
+from train import git_commit, init_weights
 from utils import InputError, read_image, read_stack, run_cli, to_gray_float
 
 
@@ -81,24 +81,6 @@ def load_training_set(roots):
     return {n: (np.stack([s for s, _ in items]), np.stack([i for _, i in items])) for n, items in groups.items()}
 
 
-def init_weights(model: nn.Module):
-    """The released initialisation (ARCHITECTURE.md, "Training as released")."""
-    for name, module in model.named_modules():
-        if isinstance(module, (nn.Conv2d, nn.Conv1d)):
-            if "cell_list" in name:
-                nn.init.orthogonal_(module.weight)
-            else:
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.GroupNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, std=0.001)
-            nn.init.zeros_(module.bias)
-
-
 def sample_batch(rng, groups, counts, batch_size, crop):
     """Random batch of one stack length with a shared random flip/rotation.
 
@@ -127,14 +109,6 @@ def focus_loss(logits, index, ce_weight, mse_weight):
     depth = depth_map_creation(logits)[:, 0]                           # (B, H, W) in [0, 1]
     mse = F.mse_loss(depth, index.float() / (n - 1))
     return ce_weight * ce + mse_weight * mse, ce, mse
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def save_weights(model, path, card):
