@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model import depth_map_creation, depth_to_index, expected_slice_number, gather_slices
+from model import depth_to_index, expected_slice_number, gather_slices
 from utils import InputError, next_multiple
 
 FEATURE_CHANNELS = 8
@@ -180,8 +180,7 @@ def fast_forward(model, x: torch.Tensor, precision: str = "fp32", chunk: int = 2
     n = x.shape[1]
     with torch.inference_mode():
         logits = fast_focus_logits(model, x, precision, chunk)
-        depth = depth_map_creation(logits)                                 # (B, 1, H, W)
-        index = depth_to_index(depth, n)                                   # (B, H, W)
+        index, depth = model.index_and_depth(logits)                      # (B, H, W), (B, 1, H, W)
         fused = gather_slices(x, index)                                    # (B, 1, H, W)
     return fused, depth, index
 
@@ -428,7 +427,7 @@ def tiled_forward(model, stack, max_memory=None, tile=None, halo=None, stat_pass
                 if bar:
                     bar.update()
             given = collect.finish()
-        number = torch.empty(size, dtype=torch.float32)          # expected slice number in [1, N]
+        number = torch.empty(size, dtype=torch.float32)          # expected slice number in [1, N] (argmax: index)
         for box in boxes:
             crop = _with_halo(box, halo + gru_halo, size)
             feats = torch.cat(features(crop, box, given, None))   # (N, 8, h, w)
@@ -436,14 +435,21 @@ def tiled_forward(model, stack, max_memory=None, tile=None, halo=None, stat_pass
                 logits = gru_logits(model.layer_interaction.layer_interaction_depth, feats)
             del feats
             inner = logits[:, box[0] - crop[0]:box[1] - crop[0], box[2] - crop[2]:box[3] - crop[2]]
-            number[box[0]:box[1], box[2]:box[3]] = expected_slice_number(inner[None])[0, 0].cpu()
+            if model.index_rule == "argmax":   # per pixel: no image-wide statistic needed
+                number[box[0]:box[1], box[2]:box[3]] = inner.argmax(dim=0).float().cpu()
+            else:
+                number[box[0]:box[1], box[2]:box[3]] = expected_slice_number(inner[None])[0, 0].cpu()
             if bar:
                 bar.update()
         if bar:
             bar.close()
-        lo, hi = number.min(), number.max()
-        depth = number.sub_(lo).div_((hi - lo).clamp_min(1e-12))   # in place: one full-size float map
-        index = depth_to_index(depth[None, None], n)[0]            # (H', W')
+        if model.index_rule == "argmax":
+            index = number.long()                                   # (H', W')
+            depth = number.div_(max(n - 1, 1))
+        else:
+            lo, hi = number.min(), number.max()
+            depth = number.sub_(lo).div_((hi - lo).clamp_min(1e-12))   # in place: one full-size float map
+            index = depth_to_index(depth[None, None], n)[0]            # (H', W')
         fused = torch.empty(size, dtype=torch.float32)
         for box in boxes:
             rows, cols = (box[0], box[1]), (box[2], box[3])

@@ -12,17 +12,23 @@ import torch
 from tqdm import tqdm
 
 from fast_inference import PRECISIONS, fast_forward, tiled_forward
+from model import INDEX_RULES
 from utils import (depth_colormap, dtype_max, index_picture, resize_back, resize_to_multiple,
                    stack_to_tensor, to_gray, to_uint8, write_image, write_npy)
 
-# Checkpoint every predict script loads unless --model_path says otherwise.
-DEFAULT_MODEL = "model.pth"
-
+# The weights every predict script uses unless --model_path says otherwise:
+# trained by this project (docs/weights.md); its model card beside it
+# (stackmffv2_synthetic.json) names the index rule they were trained for.
+DEFAULT_MODEL = Path(__file__).resolve().parent / "weights" / "stackmffv2_synthetic.pth"
 
 
 def add_model_arguments(group):
-    """Flags every predict script shares: checkpoint, device, memory bound, precision."""
-    group.add_argument("--model_path", type=str, default=DEFAULT_MODEL, help="StackMFF-V2 checkpoint")
+    """Flags every predict script shares: checkpoint, index rule, device, memory bound, precision."""
+    group.add_argument("--model_path", type=str, default=str(DEFAULT_MODEL),
+                       help="StackMFF-V2 checkpoint (default: the project's own weights)")
+    group.add_argument("--index_rule", type=str, default=None, choices=INDEX_RULES,
+                       help="how the slice index is read from the focus logits (default: the rule in the "
+                            "checkpoint's model card, else the released minmax_round)")
     group.add_argument("--device", type=str, default=None,
                        help="cpu, cuda, cuda:1, mps (default: best available; under torchrun cuda:<LOCAL_RANK>)")
     group.add_argument("--max_memory", type=float, default=None,

@@ -12,6 +12,7 @@ The fused image takes, at every pixel, the slice at the rounded depth.
 
 ``load_model`` is the only way scripts and tests build a network from a file.
 """
+import json
 import os
 
 import torch
@@ -19,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from network_blocks import BidirectionalConvGRU, InceptionDWConv, SpatialChannelBridge
-from utils import InputError
+from utils import InputError, _atomic_write_bytes
 
 ENCODER_CHANNELS = (8, 16, 24, 32, 48, 64)
 
@@ -119,16 +120,34 @@ def gather_slices(stack: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return torch.gather(stack, 1, index.unsqueeze(1))
 
 
+# How the slice index is read from the focus logits:
+# - "minmax_round" (released): round(min-max normalised expected slice * (N-1));
+# - "argmax": the slice of highest focus logit at every pixel; its depth output
+#   is index / (N - 1), so depth map and fused image agree.
+INDEX_RULES = ("minmax_round", "argmax")
+
+
+def argmax_index_and_depth(logits: torch.Tensor):
+    """logits (B, N, H, W) -> (index (B, H, W) int64, depth (B, 1, H, W) in [0, 1])."""
+    n = logits.shape[1]
+    index = logits.argmax(dim=1)                                          # (B, H, W)
+    depth = index.unsqueeze(1).to(torch.float32) / max(n - 1, 1)         # (B, 1, H, W)
+    return index, depth
+
+
 class StackMFFV2(nn.Module):
     """The whole network.
 
     forward(x): x (B, N, H, W) gray stack in [0, 1], H and W multiples of 32.
     Returns (fused (B, 1, H, W) in [0, 1], depth (B, 1, H, W) in [0, 1],
-    index (B, H, W) int64 in [0, N-1]).
+    index (B, H, W) int64 in [0, N-1]). ``index_rule`` is one of INDEX_RULES.
     """
 
-    def __init__(self):
+    def __init__(self, index_rule: str = "minmax_round"):
         super().__init__()
+        if index_rule not in INDEX_RULES:
+            raise ValueError(f"index_rule must be one of {INDEX_RULES}, got {index_rule!r}")
+        self.index_rule = index_rule
         self.feature_extraction = FeatureExtraction()
         self.layer_interaction = LayerInteraction()
 
@@ -139,11 +158,17 @@ class StackMFFV2(nn.Module):
         return self.layer_interaction(features.reshape(b, n, -1, h, w))
 
     def forward(self, x: torch.Tensor):
-        n = x.shape[1]
-        depth = depth_map_creation(self.focus_logits(x))   # (B, 1, H, W)
-        index = depth_to_index(depth, n)                   # (B, H, W)
-        fused = gather_slices(x, index)                    # (B, 1, H, W)
+        index, depth = self.index_and_depth(self.focus_logits(x))  # (B, H, W), (B, 1, H, W)
+        fused = gather_slices(x, index)                              # (B, 1, H, W)
         return fused, depth, index
+
+    def index_and_depth(self, logits: torch.Tensor):
+        """Focus logits (B, N, H, W) -> (index (B, H, W) int64, depth (B, 1, H, W) in [0, 1])
+        by this model's index rule."""
+        if self.index_rule == "argmax":
+            return argmax_index_and_depth(logits)
+        depth = depth_map_creation(logits)
+        return depth_to_index(depth, logits.shape[1]), depth
 
 
 class CheckpointError(InputError):
@@ -191,14 +216,41 @@ def read_state_dict(path) -> dict:
     return _strip_prefixes(obj)
 
 
-def load_model(path, device="cpu") -> StackMFFV2:
+def model_card_path(path) -> str:
+    """The JSON file beside a checkpoint that records how to use it (``x.pth`` -> ``x.json``)."""
+    return os.path.splitext(os.fspath(path))[0] + ".json"
+
+
+def write_model_card(path, card: dict):
+    """Write the model card of checkpoint ``path`` (atomically)."""
+    _atomic_write_bytes(model_card_path(path), (json.dumps(card, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_index_rule(path) -> str:
+    """The index rule recorded beside a checkpoint, else the released "minmax_round"."""
+    card_path = model_card_path(path)
+    if not os.path.isfile(card_path):
+        return "minmax_round"
+    try:
+        with open(card_path, encoding="utf-8") as f:
+            rule = json.load(f).get("index_rule", "minmax_round")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise CheckpointError(f"model card {card_path!r} is not readable JSON ({type(exc).__name__})") from None
+    if rule not in INDEX_RULES:
+        raise CheckpointError(f"model card {card_path!r} names an unknown index_rule {rule!r}")
+    return rule
+
+
+def load_model(path, device="cpu", index_rule=None) -> StackMFFV2:
     """Build StackMFFV2 from a checkpoint: load on CPU, strict, then move and eval().
 
+    ``index_rule`` None takes the rule recorded in the JSON model card beside
+    the checkpoint (``model_card_path``), else the released "minmax_round".
     Raises CheckpointError with one sentence naming the file when it is
     missing, not a checkpoint, or the weights of another architecture.
     """
     state_dict = read_state_dict(path)
-    model = StackMFFV2()
+    model = StackMFFV2(index_rule or read_index_rule(path))
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))

@@ -1,0 +1,269 @@
+"""Fusion quality of the shipped weights, the official weights and a classical floor.
+
+    python bench/benchmark_fusion.py
+
+Part 1, ground truth: focus stacks are synthesised from scikit-image's
+``stereo_motorcycle`` (left view, with its real disparity; no training source
+uses it) for several crops, 8 and 16 slices, and each blur mode
+(``released_stack``, and ``physical_stack`` when this checkout has it). For
+every set one table: SSIM and PSNR of the fused gray image against the
+all-in-focus gray image (as the paper), and the mean absolute error of the
+slice index, in slices. Depth: disparity holes (inf) take the nearest valid
+value; large disparity = near = 0; each crop's depth is stretched to 0..255,
+as a photographer brackets the depth range of the framed scene.
+
+Part 2, no ground truth: the real stacks in ../shared/data/stacks (downscaled
+so that the longer side is at most ``--real_max_side``): mean gradient
+magnitude and Laplacian variance of the fused gray image (higher = sharper),
+and one side-by-side picture per scene in ``--figures_dir``
+(middle input slice | official | ours | classical).
+
+Fusers: "ours" (``--ours``, with the index rule of its model card), "official"
+(``--official``, released rule; skipped when the file is absent), and
+"classical": per-pixel argmax of the Gaussian-smoothed squared Laplacian.
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from scipy import ndimage
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from inference import DEFAULT_MODEL, fuse_gray_batch  # noqa: E402
+from make_datasets import synthesis  # noqa: E402
+from model import load_model  # noqa: E402
+from utils import (InputError, ensure_output_dir, natural_sort_key, read_stack, run_cli,  # noqa: E402
+                   stack_to_tensor, to_gray_float, write_image)
+
+OFFICIAL = REPO.parent / "shared" / "reference" / "official" / "model.pth"
+REAL_STACKS = REPO.parent / "shared" / "data" / "stacks"
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    models = parser.add_argument_group("fusers")
+    models.add_argument("--ours", type=str, default=str(DEFAULT_MODEL), help="the project's weights")
+    models.add_argument("--official", type=str, default=str(OFFICIAL),
+                        help="the authors' released weights (skipped when absent)")
+    models.add_argument("--extra_rules", action="store_true",
+                        help="also run each network with the other index rule")
+    gt = parser.add_argument_group("ground-truth sets")
+    gt.add_argument("--slices", type=int, nargs="+", default=[8, 16], help="stack lengths")
+    gt.add_argument("--crop", type=int, nargs=2, default=[256, 320], metavar=("H", "W"), help="crop size")
+    gt.add_argument("--num_crops", type=int, default=4, help="crops of the motorcycle per set")
+    gt.add_argument("--blur", type=str, nargs="+", default=["released", "physical"],
+                    choices=["released", "physical"], help="blur modes")
+    real = parser.add_argument_group("real stacks")
+    real.add_argument("--real_root", type=str, default=str(REAL_STACKS),
+                      help="<dataset>/dof_stack/<scene>/ trees (skipped when absent)")
+    real.add_argument("--real_max_side", type=int, default=384, help="downscale real slices to this side")
+    real.add_argument("--figures_dir", type=str, default="results/bench_figures",
+                      help="side-by-side pictures of the real stacks")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    return parser
+
+
+# ----------------------------------------------------------------------------- ground truth
+
+def motorcycle_image_and_depth():
+    """Left motorcycle view (HxWx3 uint8 BGR) and its depth (HxW float, larger = farther)."""
+    import skimage.data
+    left, _, disparity = skimage.data.stereo_motorcycle()
+    invalid = ~np.isfinite(disparity)
+    # Nearest valid pixel for each hole (indices of the closest zero of ``invalid``).
+    nearest = ndimage.distance_transform_edt(invalid, return_distances=False, return_indices=True)
+    disparity = disparity[tuple(nearest)]
+    return cv2.cvtColor(left, cv2.COLOR_RGB2BGR), -disparity.astype(np.float64)
+
+
+def crop_boxes(shape, crop, count):
+    """``count`` crop corners spread evenly over the image (deterministic)."""
+    h, w = shape
+    ch, cw = crop
+    ys = np.linspace(0, h - ch, count).round().astype(int)
+    xs = np.linspace(0, w - cw, count).round().astype(int)[::-1] if count > 1 else [0]
+    return [(int(y), int(x)) for y, x in zip(ys, xs)]
+
+
+def to_depth8(depth: np.ndarray) -> np.ndarray:
+    lo, hi = depth.min(), depth.max()
+    return np.round((depth - lo) / max(hi - lo, 1e-9) * 255).astype(np.uint8)
+
+
+def ground_truth_sets(blurs, slice_counts, crop, num_crops):
+    """{(blur, N): [(slices list of uint8 BGR, all-in-focus gray HxW [0,1], index HxW int64), ...]}."""
+    image, depth = motorcycle_image_and_depth()
+    sets = {}
+    for blur in blurs:
+        if blur == "physical" and not hasattr(synthesis, "physical_stack"):
+            print("physical sets skipped: make_datasets.synthesis.physical_stack is not in this checkout yet")
+            continue
+        for n in slice_counts:
+            cases = []
+            for y, x in crop_boxes(depth.shape, crop, num_crops):
+                aif = image[y:y + crop[0], x:x + crop[1]]
+                d8 = to_depth8(depth[y:y + crop[0], x:x + crop[1]])
+                if blur == "physical":
+                    slices, index = synthesis.physical_stack(aif, d8, n, max_sigma=4.0)
+                else:
+                    slices, index = synthesis.released_stack(aif, d8, n)
+                cases.append((list(slices), to_gray_float(aif), index))
+            sets[(blur, n)] = cases
+    return sets
+
+
+# ----------------------------------------------------------------------------- fusers
+
+def classical_fuse(gray: torch.Tensor, sigma: float = 2.0):
+    """Per-pixel argmax of the smoothed Laplacian energy.
+
+    gray (1, N, H, W) in [0, 1] -> (fused HxW float32, index HxW int64).
+    """
+    stack = gray[0].numpy()
+    energy = np.stack([cv2.GaussianBlur(cv2.Laplacian(s, cv2.CV_32F) ** 2, (0, 0), sigma) for s in stack])
+    index = energy.argmax(axis=0)
+    fused = np.take_along_axis(stack, index[None], axis=0)[0]
+    return fused, index.astype(np.int64)
+
+
+def make_fusers(args):
+    """[(name, fn(gray (1,N,H,W)) -> (fused HxW, index HxW))] for every fuser that is available."""
+    fusers = []
+    networks = [("ours", args.ours), ("official", args.official)]
+    for name, path in networks:
+        if not Path(path).is_file():
+            print(f"{name} skipped: {path} does not exist")
+            continue
+        model = load_model(path, "cpu")
+        rules = [model.index_rule]
+        if args.extra_rules:
+            rules += [r for r in ("minmax_round", "argmax") if r != model.index_rule]
+        for k, rule in enumerate(rules):
+            label = name if k == 0 else f"{name} ({rule})"
+            fusers.append((label, network_fuser(load_model(path, "cpu", index_rule=rule))))
+    fusers.append(("classical", classical_fuse))
+    return fusers
+
+
+def network_fuser(model):
+    def fuse(gray):
+        result = fuse_gray_batch(model, gray)[0]
+        return result.fused_gray, result.index
+    return fuse
+
+
+# ----------------------------------------------------------------------------- tables
+
+def print_table(title, header, rows):
+    widths = [max(len(str(r[k])) for r in [header] + rows) for k in range(len(header))]
+    print(f"\n{title}")
+    print("| " + " | ".join(str(h).ljust(w) for h, w in zip(header, widths)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for row in rows:
+        print("| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths)) + " |")
+
+
+def run_ground_truth(fusers, sets):
+    summary = {}
+    for (blur, n), cases in sets.items():
+        rows = []
+        for name, fuse in fusers:
+            ssim, psnr, mae, seconds = [], [], [], 0.0
+            for slices, aif, index in cases:
+                start = time.perf_counter()
+                fused, pred = fuse(stack_to_tensor(slices))
+                seconds += time.perf_counter() - start
+                fused = np.clip(fused, 0, 1).astype(np.float64)
+                ssim.append(structural_similarity(aif, fused, data_range=1.0))
+                psnr.append(peak_signal_noise_ratio(aif, fused, data_range=1.0))
+                mae.append(np.abs(pred - index).mean())
+            summary[(blur, n, name)] = float(np.mean(psnr))
+            rows.append([name, f"{np.mean(ssim):.4f}", f"{np.mean(psnr):.2f}", f"{np.mean(mae):.3f}",
+                         f"{seconds / len(cases):.2f}"])
+        h, w = cases[0][1].shape
+        print_table(f"stereo_motorcycle, {blur} blur, {n} slices, {len(cases)} crops of {w}x{h}",
+                    ["fuser", "SSIM", "PSNR (dB)", "index MAE (slices)", "s / stack"], rows)
+    return summary
+
+
+# ----------------------------------------------------------------------------- real stacks
+
+def sharpness(gray: np.ndarray):
+    """(mean gradient magnitude, Laplacian variance) of a gray image in [0, 1], on the 0..255 scale."""
+    g = gray.astype(np.float32) * 255
+    gx, gy = cv2.Sobel(g, cv2.CV_32F, 1, 0), cv2.Sobel(g, cv2.CV_32F, 0, 1)
+    return float(np.sqrt(gx ** 2 + gy ** 2).mean()), float(cv2.Laplacian(g, cv2.CV_32F).var())
+
+
+def real_scenes(root):
+    root = Path(root)
+    return sorted((p for p in root.glob("*/dof_stack/*") if p.is_dir()), key=lambda p: natural_sort_key(str(p)))
+
+
+def downscale(images, max_side):
+    h, w = images[0].shape[:2]
+    scale = max_side / max(h, w)
+    if scale >= 1:
+        return images
+    size = (max(32, round(w * scale)), max(32, round(h * scale)))
+    return [cv2.resize(im, size, interpolation=cv2.INTER_AREA) for im in images]
+
+
+def labelled(gray, label):
+    tile = cv2.cvtColor((np.clip(gray, 0, 1) * 255).astype(np.uint8), cv2.COLOR_GRAY2BGR)
+    cv2.putText(tile, label, (6, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 3, cv2.LINE_AA)
+    cv2.putText(tile, label, (6, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (255, 255, 255), 1, cv2.LINE_AA)
+    return tile
+
+
+def run_real(fusers, args):
+    scenes = real_scenes(args.real_root)
+    if not scenes:
+        print(f"\nreal stacks skipped: none under {args.real_root}")
+        return
+    figures = ensure_output_dir(args.figures_dir)
+    rows = []
+    order = {"official": 1, "ours": 2, "classical": 3}
+    for scene in scenes:
+        try:
+            images, _ = read_stack(scene)
+        except InputError as exc:
+            print(f"skipping {scene}: {exc}")
+            continue
+        images = downscale(images, args.real_max_side)
+        gray = stack_to_tensor(images)
+        tiles = {0: labelled(gray[0, len(images) // 2].numpy(), "input (middle slice)")}
+        row = [f"{scene.parents[1].name}/{scene.name}", str(len(images))]
+        for name, fuse in fusers:
+            fused, _ = fuse(gray)
+            grad, lap = sharpness(fused)
+            row.append(f"{grad:.2f} / {lap:.0f}")
+            if name in order:
+                tiles[order[name]] = labelled(fused, name)
+        rows.append(row)
+        picture = np.hstack([tiles[k] for k in sorted(tiles)])
+        write_image(figures / f"{scene.parents[1].name}__{scene.name}.png", picture)
+    print_table(f"real stacks (longer side <= {args.real_max_side} px): mean gradient / Laplacian variance "
+                "of the fused gray, higher = sharper; pictures in " + str(figures),
+                ["scene", "N"] + [name for name, _ in fusers], rows)
+
+
+def main(args):
+    torch.set_num_threads(args.threads)
+    fusers = make_fusers(args)
+    print("fusers: " + ", ".join(name for name, _ in fusers))
+    sets = ground_truth_sets(args.blur, args.slices, tuple(args.crop), args.num_crops)
+    summary = run_ground_truth(fusers, sets)
+    run_real(fusers, args)
+    return summary
+
+
+if __name__ == "__main__":
+    run_cli(main, get_args_parser())

@@ -1,0 +1,98 @@
+"""The procedural synthetic source: layout, determinism, slice counts, depth convention."""
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from make_datasets import make_synthetic as ms  # noqa: E402
+from utils import read_image, read_stack  # noqa: E402
+
+SCRIPT = REPO / "make_datasets" / "make_synthetic.py"
+
+
+def run_script(*args):
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True,
+                          cwd=REPO, timeout=120)
+
+
+class TestMakeScene:
+    def test_same_seed_same_scene_other_seed_other_scene(self):
+        a = ms.make_scene(3, 7, 64, (2, 32), "released")
+        b = ms.make_scene(3, 7, 64, (2, 32), "released")
+        c = ms.make_scene(4, 7, 64, (2, 32), "released")
+        assert len(a[0]) == len(b[0])
+        assert all(np.array_equal(x, y) for x, y in zip(a[0], b[0]))
+        assert np.array_equal(a[1], b[1])
+        assert not np.array_equal(a[2], c[2])
+
+    @pytest.mark.parametrize("n", [2, 3, 9, 32])
+    def test_slice_count_and_full_depth_range(self, n):
+        slices, depth_map, image = ms.make_scene(0, n, 64, (n, n), "released")
+        assert len(slices) == n
+        assert all(s.shape == image.shape == (64, 64, 3) and s.dtype == np.uint8 for s in slices)
+        index = ms.depth_map_to_index(depth_map, n)
+        # Both ends of the focus range occur, so min-max normalised depth matches k / (N - 1).
+        assert index.min() == 0 and index.max() == n - 1
+        assert np.array_equal(ms.index_to_depth_map(index, n), depth_map)
+
+    def test_in_focus_slice_is_the_sharp_image(self):
+        slices, depth_map, image = ms.make_scene(1, 0, 64, (8, 8), "released")
+        index = ms.depth_map_to_index(depth_map, 8)
+        chosen = np.take_along_axis(np.stack(slices), index[None, ..., None], axis=0)[0]
+        assert np.array_equal(chosen, image)
+
+    def test_depth_map_round_trip_is_exact_up_to_32(self):
+        for n in range(2, 33):
+            index = np.arange(n)[None]
+            assert np.array_equal(ms.depth_map_to_index(ms.index_to_depth_map(index, n), n), index)
+
+
+class TestSources:
+    def test_motorcycle_is_never_a_training_source(self):
+        assert "stereo_motorcycle" not in ms.PHOTO_NAMES
+        with pytest.raises(ValueError):
+            ms.load_photo("stereo_motorcycle")
+
+    def test_every_photo_loads_offline_as_bgr_uint8(self):
+        for name in ms.PHOTO_NAMES:
+            photo = ms.load_photo(name)
+            assert photo.dtype == np.uint8 and photo.ndim == 3 and photo.shape[2] == 3, name
+
+
+@pytest.mark.skipif(not ms.physical_available(), reason="physical_stack not in this checkout yet")
+def test_physical_blur_scene_has_full_range():
+    slices, depth_map, _ = ms.make_scene(0, 1, 64, (6, 6), "physical")
+    index = ms.depth_map_to_index(depth_map, 6)
+    assert len(slices) == 6 and index.min() == 0 and index.max() == 5
+
+
+class TestCommandLine:
+    def test_layout_and_rerun_is_identical(self, tmp_path):
+        out = tmp_path / "syn"
+        r = run_script("--output_dir", out, "--num_stacks", 3, "--size", 64, "--min_slices", 2,
+                       "--max_slices", 5, "--seed", 11)
+        assert r.returncode == 0, r.stderr
+        scenes = sorted(p.name for p in (out / "image_stacks").iterdir())
+        assert scenes == ["syn_000000", "syn_000001", "syn_000002"]
+        for scene in scenes:
+            images, names = read_stack(out / "image_stacks" / scene)
+            assert names == [f"{k}.png" for k in range(1, len(images) + 1)] and 2 <= len(images) <= 5
+            depth = read_image(out / "depth_maps" / f"{scene}.png")
+            assert depth.shape == (64, 64) and depth.dtype == np.uint8
+            assert depth.min() == 0 and depth.max() == 255
+        first = (out / "depth_maps" / "syn_000001.png").read_bytes()
+        r = run_script("--output_dir", tmp_path / "again", "--num_stacks", 1, "--first", 1, "--size", 64,
+                       "--min_slices", 2, "--max_slices", 5, "--seed", 11)
+        assert r.returncode == 0, r.stderr
+        assert (tmp_path / "again" / "depth_maps" / "syn_000001.png").read_bytes() == first
+
+    def test_bad_slice_range_is_one_clear_error(self, tmp_path):
+        r = run_script("--output_dir", tmp_path / "x", "--min_slices", 1, "--num_stacks", 1)
+        assert r.returncode == 2
+        assert "min_slices" in r.stderr and "Traceback" not in r.stderr
+        assert not (tmp_path / "x").exists()
