@@ -10,6 +10,7 @@ import re
 import signal
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import cv2
@@ -94,11 +95,41 @@ def _normalise_pixels(image, path):
     return np.ascontiguousarray(image)
 
 
+@contextmanager
+def _native_stderr_captured():
+    """Collect what C libraries write to file descriptor 2 while the block runs.
+
+    libpng, libtiff and OpenCV print their own lines ("libpng error: ...") when
+    they decode a corrupt file; the user should see the one InputError instead.
+    Yields a list that holds the captured text (a str) once the block ends.
+    When descriptor 2 cannot be duplicated nothing is captured.
+    """
+    captured = []
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):
+        yield captured
+        return
+    try:
+        with tempfile.TemporaryFile() as sink:
+            os.dup2(sink.fileno(), 2)
+            try:
+                yield captured
+            finally:
+                os.dup2(saved, 2)
+                sink.seek(0)
+                captured.append(sink.read().decode("utf-8", "replace"))
+    finally:
+        os.close(saved)
+
+
 def read_image(path) -> np.ndarray:
     """Read one image as uint8 or uint16, HxW (gray) or HxWx3 (BGR); alpha dropped."""
     buf = _read_bytes(path)
     try:
-        image = cv2.imdecode(buf, _READ_FLAGS)
+        with _native_stderr_captured():
+            image = cv2.imdecode(buf, _READ_FLAGS)
     except cv2.error:
         image = None
     return _normalise_pixels(image, path)
@@ -108,10 +139,13 @@ def read_tiff_pages(path):
     """All pages of a (multi-page) TIFF, each as read_image returns."""
     buf = _read_bytes(path)
     try:
-        ok, pages = cv2.imdecodemulti(buf, _READ_FLAGS)
+        with _native_stderr_captured() as native:
+            ok, pages = cv2.imdecodemulti(buf, _READ_FLAGS)
     except cv2.error:
         ok, pages = False, []
-    if not ok or not pages:
+    # A truncated multi-page TIFF decodes its first pages and only *prints* that
+    # the rest is missing: such a file must not pass as a shorter stack.
+    if not ok or not pages or "TIFF_Error" in "".join(native):
         raise InputError(f"'{path}' is not a readable TIFF (corrupt, truncated or unsupported)")
     return [_normalise_pixels(p, f"{path} page {k + 1}") for k, p in enumerate(pages)]
 
@@ -247,6 +281,15 @@ def index_picture(index: np.ndarray, num_slices: int) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- writing
 
+def _new_file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+_NEW_FILE_MODE = _new_file_mode()
+
+
 def _atomic_write_bytes(path, data: bytes):
     """Write to a temporary file in the same folder, then rename over ``path``.
 
@@ -259,6 +302,7 @@ def _atomic_write_bytes(path, data: bytes):
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
+            os.chmod(tmp, _NEW_FILE_MODE)  # mkstemp makes 0600; give the mode open() would
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -312,6 +356,17 @@ def ensure_output_dir(path) -> Path:
     if not os.access(path, os.W_OK | os.X_OK):
         raise InputError(f"output folder '{path}' is not writable")
     return path
+
+
+def refuse_output_into_input(output, *inputs, what="output folder"):
+    """InputError when ``output`` is one of the ``inputs`` folders (after resolving
+    links and '..'): writing there would overwrite input files or mix outputs
+    into the input on the next run."""
+    target = Path(output).resolve()
+    for source in inputs:
+        if source is not None and Path(source).resolve() == target:
+            raise InputError(f"the {what} '{output}' is the input folder '{source}'; "
+                             f"choose another folder so that no input file is overwritten")
 
 
 # ----------------------------------------------------------------------------- device
