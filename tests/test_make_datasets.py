@@ -277,6 +277,20 @@ class TestMakeDataset:
         assert "Traceback" not in result.stderr
         assert sorted(p.name for p in (out / "dof_stack").iterdir()) == ["a", "c10"]
 
+    def test_output_folder_holding_the_input_is_refused(self, scene_tree, tmp_path):
+        """--image_dir data/AiF with --output_dir data would re-encode the inputs in place."""
+        images, depths = scene_tree
+        aif = tmp_path / "AiF"
+        images.rename(aif)
+        before = {p.name: p.read_bytes() for p in aif.iterdir()}
+        result = subprocess.run([PYTHON, "-m", "make_datasets.make_dataset", "--image_dir", str(aif),
+                                 "--depth_dir", str(depths), "--output_dir", str(tmp_path)],
+                                capture_output=True, text=True, cwd=ROOT, timeout=120)
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert "is the input folder" in result.stderr and result.stderr.count("\n") == 1
+        assert {p.name: p.read_bytes() for p in aif.iterdir()} == before
+        assert not (tmp_path / "dof_stack").exists()
+
     def test_missing_folder_is_one_clear_error(self, tmp_path):
         result = subprocess.run([PYTHON, "-m", "make_datasets.make_dataset", "--image_dir", str(tmp_path / "nope"),
                                  "--depth_dir", str(tmp_path), "--output_dir", str(tmp_path / "o")],
