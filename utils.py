@@ -396,6 +396,14 @@ def _raise_keyboard_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+def _close_progress_bars():
+    """Close the tqdm bars an error left open, so that the closing message gets a
+    line of its own and no bar redraws itself after it."""
+    from tqdm import tqdm
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 def run_cli(main_fn, parser):
     """Parse arguments and run ``main_fn``; the project's own errors become one
     line on stderr and exit status 2, an interrupt exits 130, never a traceback."""
@@ -406,8 +414,10 @@ def run_cli(main_fn, parser):
     try:
         return main_fn(args)
     except InputError as exc:
+        _close_progress_bars()
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
+        _close_progress_bars()
         print("interrupted", file=sys.stderr)
         sys.exit(130)
