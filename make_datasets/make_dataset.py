@@ -29,7 +29,8 @@ import numpy as np
 
 from make_datasets.common import make_dirs, pair_by_stem, read_depth_8bit, run_batch, write_stack
 from make_datasets.synthesis import RELEASED_SLICE_COUNTS, physical_stack, released_stack
-from utils import InputError, ensure_output_dir, index_picture, read_image, refuse_output_into_input, run_cli, write_image
+from utils import (InputError, ensure_output_dir, index_picture, read_image, refuse_output_into_input, run_cli,
+                   write_image)
 
 MODES = ("released", "physical")
 FORMATS = ("jpg", "png", "tif", "bmp")
