@@ -7,6 +7,7 @@ depth colormap, atomic writes, and the device choice.
 """
 import os
 import re
+import secrets
 import signal
 import sys
 import tempfile
@@ -281,34 +282,27 @@ def index_picture(index: np.ndarray, num_slices: int) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- writing
 
-def _new_file_mode() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-_NEW_FILE_MODE = _new_file_mode()
-
-
 def _atomic_write_bytes(path, data: bytes):
     """Write to a temporary file in the same folder, then rename over ``path``.
 
     A reader never sees a partial file, and a failure (disk full, no
     permission, an interrupt) leaves no temporary file behind. OS errors
-    become an InputError naming the file.
+    become an InputError naming the file. The file gets the mode open()
+    gives (0666 less the umask).
     """
     path = Path(path)
-    tmp = None
+    # Named before it exists: an interrupt arriving just after the file is
+    # created (inside mkstemp, say) could otherwise leave it behind unnamed.
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.part"
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
         with os.fdopen(fd, "wb") as f:
-            os.chmod(tmp, _NEW_FILE_MODE)  # mkstemp makes 0600; give the mode open() would
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as exc:
-        if tmp is not None:
+        if not isinstance(exc, FileExistsError):   # never remove a file this call did not create
             try:
                 os.unlink(tmp)
             except OSError:

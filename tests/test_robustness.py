@@ -230,6 +230,22 @@ def test_decoder_messages_do_not_reach_the_terminal(tmp_path, capfd):
 
 # ----------------------------------------------------------------------------- writing
 
+def test_interrupt_just_after_the_temporary_file_is_created(tmp_path, monkeypatch):
+    """SIGTERM / Ctrl-C between the creation of the .part file and anything else
+    (found by killing predict_datasets.py: tempfile.mkstemp left such files)."""
+    real_open = os.open
+
+    def open_then_interrupt(*args, **kwargs):
+        os.close(real_open(*args, **kwargs))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(utils.os, "open", open_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        write_image(tmp_path / "a.png", np.zeros((4, 4), np.uint8))
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == []
+
+
 def test_written_files_get_the_usual_permissions(tmp_path):
     """The temporary file of an atomic write is private (0600); the result must
     have the mode open() gives (0666 less the umask), like any other output."""
