@@ -195,6 +195,36 @@ class TestCommon:
         assert "skipped 2: bad item" in capsys.readouterr().err
 
 
+    @pytest.mark.parametrize("where", ["creating the staging folder", "linking the copy", "replacing the copy"])
+    def test_interrupted_stack_write_leaves_no_staging_folder(self, tmp_path, monkeypatch, where):
+        """An interrupt at any step of write_stack leaves no hidden .part folder and
+        never a half-written stack folder."""
+        from make_datasets import common
+        target, copy = tmp_path / "dof_stack" / "a", tmp_path / "image_stacks" / "a"
+        slices = [textured((8, 8, 3), seed=k) for k in range(3)]
+        def then_interrupt(real, when):
+            def wrapper(*args, **kwargs):
+                result = real(*args, **kwargs)
+                if when(*args):
+                    raise KeyboardInterrupt   # the signal lands just after the step
+                return result
+            return wrapper
+
+        if where == "creating the staging folder":
+            monkeypatch.setattr(Path, "mkdir", then_interrupt(Path.mkdir, lambda path, *a: path.suffix == ".part"))
+        elif where == "linking the copy":
+            monkeypatch.setattr(common.os, "link", then_interrupt(common.os.link, lambda *a: True))
+        else:
+            monkeypatch.setattr(common.os, "replace", then_interrupt(common.os.replace, lambda a, b: Path(b) == copy))
+        with pytest.raises(KeyboardInterrupt):
+            common.write_stack(target, slices, "png", copies=[copy])
+        monkeypatch.undo()
+        leftovers = [p for p in tmp_path.rglob("*") if p.name.endswith(".part")]
+        assert leftovers == []
+        for folder in (target, copy):
+            assert not folder.exists() or sorted(p.name for p in folder.iterdir()) == ["1.png", "2.png", "3.png"]
+
+
 # ============================================================================= make_dataset.py
 
 @pytest.fixture
