@@ -35,7 +35,8 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from utils import InputError, check_stack, ensure_output_dir, read_stack, run_cli, to_gray_float, write_image
+from utils import (InputError, check_stack, ensure_output_dir, read_stack, refuse_output_into_input, run_cli,
+                   to_gray_float, write_image)
 
 METHODS = ("released", "ecc")
 REFERENCES = ("first", "last", "middle", "sharpest")
@@ -129,8 +130,11 @@ def _as_frames(images):
         if not isinstance(image, np.ndarray) or image.dtype not in (np.uint8, np.uint16):
             kind = image.dtype if isinstance(image, np.ndarray) else type(image).__name__
             raise InputError(f"frame {k} has {kind} pixels; only 8-bit and 16-bit images can be aligned")
-        if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] != 3) or min(image.shape[:2]) < 2:
+        if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] != 3):
             raise InputError(f"frame {k} has an unsupported shape {image.shape}; expected HxW or HxWx3")
+        if min(image.shape[:2]) < 2:
+            raise InputError(f"frame {k} is {image.shape[1]}x{image.shape[0]} pixels; "
+                             f"registration needs at least 2x2")
     return check_stack(frames, [f"frame {k}" for k in range(len(frames))], "given as a list")
 
 
@@ -484,6 +488,7 @@ def get_args_parser():
 
 def main(args):
     start = time.perf_counter()
+    refuse_output_into_input(args.output, args.input, what="output folder (-o)")
     frames, names = read_stack(args.input, min_slices=1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RegistrationWarning)

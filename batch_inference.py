@@ -282,20 +282,30 @@ def run_dataset(model, device, dataset: str, scenes: List[Scene], dataset_dir: P
             bar.write(f"{dataset}/{name}: {report.failed[name]}")
         bar.update(len(batch))
 
-    for scene in loader:
-        if scene.error:
-            report.failed[scene.name] = scene.error
-            bar.write(f"{dataset}/{scene.name}: {scene.error}")
-            bar.update(1)
-            continue
-        pending.setdefault(scene.key, []).append(scene)
-        if len(pending[scene.key]) >= batch_size:
-            flush(scene.key)
-        elif sum(map(len, pending.values())) > MAX_PENDING_FACTOR * batch_size:
-            flush(next(iter(pending)))   # bound memory when sizes keep changing
-    for key in list(pending):
-        flush(key)
-    bar.close()
+    try:
+        for scene in loader:
+            if scene.error:
+                report.failed[scene.name] = scene.error
+                bar.write(f"{dataset}/{scene.name}: {scene.error}")
+                bar.update(1)
+                continue
+            pending.setdefault(scene.key, []).append(scene)
+            if len(pending[scene.key]) >= batch_size:
+                flush(scene.key)
+            elif sum(map(len, pending.values())) > MAX_PENDING_FACTOR * batch_size:
+                flush(next(iter(pending)))   # bound memory when sizes keep changing
+        for key in list(pending):
+            flush(key)
+    except RuntimeError as exc:
+        # A reader process killed from outside (out of memory, a crash in a
+        # decoder): every file written so far is whole, so the run can resume.
+        if "DataLoader worker" not in str(exc):
+            raise
+        raise InputError(f"a reader process died while reading '{dataset}' ({exc}); the outputs written so "
+                         f"far are complete: rerun with --run_name and --skip_existing to continue "
+                         f"(--num_workers 0 reads in the main process)") from None
+    finally:
+        bar.close()   # an interrupted bar must not redraw itself after the closing message
     return report
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from inference import OUTPUT_KINDS, add_model_arguments, fuse_images, render_outputs, write_outputs
 from model import load_model
 from Registration import add_align_argument, align_stack
-from utils import ensure_output_dir, read_stack, run_cli, select_device
+from utils import ensure_output_dir, read_stack, refuse_output_into_input, run_cli, select_device
 
 
 def get_args_parser():
@@ -37,6 +37,7 @@ def output_paths(output_dir: Path, fixed_names: bool) -> dict:
 
 
 def main(args):
+    refuse_output_into_input(args.output_dir, args.input_dir, what="--output_dir")
     device = select_device(args.device)
     images, names = read_stack(args.input_dir)
     if args.align != "none":

@@ -569,6 +569,12 @@ def main(args):
         return run_training(args, runtime)
     except InputError as exc:
         raise InputError(worker_error_message(exc)) from None
+    except RuntimeError as exc:
+        # A loader process killed from outside (out of memory, a decoder crash).
+        if "DataLoader worker" not in str(exc):
+            raise
+        raise InputError(f"a data loader process died ({exc}); last.pth holds the last finished epoch: "
+                         f"continue with --resume <save_dir>/<save_name>/last.pth") from None
     finally:
         if runtime.distributed:
             dist.destroy_process_group()

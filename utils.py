@@ -7,9 +7,11 @@ depth colormap, atomic writes, and the device choice.
 """
 import os
 import re
+import secrets
 import signal
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import cv2
@@ -94,11 +96,41 @@ def _normalise_pixels(image, path):
     return np.ascontiguousarray(image)
 
 
+@contextmanager
+def _native_stderr_captured():
+    """Collect what C libraries write to file descriptor 2 while the block runs.
+
+    libpng, libtiff and OpenCV print their own lines ("libpng error: ...") when
+    they decode a corrupt file; the user should see the one InputError instead.
+    Yields a list that holds the captured text (a str) once the block ends.
+    When descriptor 2 cannot be duplicated nothing is captured.
+    """
+    captured = []
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):
+        yield captured
+        return
+    try:
+        with tempfile.TemporaryFile() as sink:
+            os.dup2(sink.fileno(), 2)
+            try:
+                yield captured
+            finally:
+                os.dup2(saved, 2)
+                sink.seek(0)
+                captured.append(sink.read().decode("utf-8", "replace"))
+    finally:
+        os.close(saved)
+
+
 def read_image(path) -> np.ndarray:
     """Read one image as uint8 or uint16, HxW (gray) or HxWx3 (BGR); alpha dropped."""
     buf = _read_bytes(path)
     try:
-        image = cv2.imdecode(buf, _READ_FLAGS)
+        with _native_stderr_captured():
+            image = cv2.imdecode(buf, _READ_FLAGS)
     except cv2.error:
         image = None
     return _normalise_pixels(image, path)
@@ -108,10 +140,13 @@ def read_tiff_pages(path):
     """All pages of a (multi-page) TIFF, each as read_image returns."""
     buf = _read_bytes(path)
     try:
-        ok, pages = cv2.imdecodemulti(buf, _READ_FLAGS)
+        with _native_stderr_captured() as native:
+            ok, pages = cv2.imdecodemulti(buf, _READ_FLAGS)
     except cv2.error:
         ok, pages = False, []
-    if not ok or not pages:
+    # A truncated multi-page TIFF decodes its first pages and only *prints* that
+    # the rest is missing: such a file must not pass as a shorter stack.
+    if not ok or not pages or "TIFF_Error" in "".join(native):
         raise InputError(f"'{path}' is not a readable TIFF (corrupt, truncated or unsupported)")
     return [_normalise_pixels(p, f"{path} page {k + 1}") for k, p in enumerate(pages)]
 
@@ -252,19 +287,22 @@ def _atomic_write_bytes(path, data: bytes):
 
     A reader never sees a partial file, and a failure (disk full, no
     permission, an interrupt) leaves no temporary file behind. OS errors
-    become an InputError naming the file.
+    become an InputError naming the file. The file gets the mode open()
+    gives (0666 less the umask).
     """
     path = Path(path)
-    tmp = None
+    # Named before it exists: an interrupt arriving just after the file is
+    # created (inside mkstemp, say) could otherwise leave it behind unnamed.
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.part"
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as exc:
-        if tmp is not None:
+        if not isinstance(exc, FileExistsError):   # never remove a file this call did not create
             try:
                 os.unlink(tmp)
             except OSError:
@@ -314,6 +352,17 @@ def ensure_output_dir(path) -> Path:
     return path
 
 
+def refuse_output_into_input(output, *inputs, what="output folder"):
+    """InputError when ``output`` is one of the ``inputs`` folders (after resolving
+    links and '..'): writing there would overwrite input files or mix outputs
+    into the input on the next run."""
+    target = Path(output).resolve()
+    for source in inputs:
+        if source is not None and Path(source).resolve() == target:
+            raise InputError(f"the {what} '{output}' is the input folder '{source}'; "
+                             f"choose another folder so that no input file is overwritten")
+
+
 # ----------------------------------------------------------------------------- device
 
 def select_device(name=None) -> torch.device:
@@ -341,6 +390,14 @@ def _raise_keyboard_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+def _close_progress_bars():
+    """Close the tqdm bars an error left open, so that the closing message gets a
+    line of its own and no bar redraws itself after it."""
+    from tqdm import tqdm
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 def run_cli(main_fn, parser):
     """Parse arguments and run ``main_fn``; the project's own errors become one
     line on stderr and exit status 2, an interrupt exits 130, never a traceback."""
@@ -351,8 +408,10 @@ def run_cli(main_fn, parser):
     try:
         return main_fn(args)
     except InputError as exc:
+        _close_progress_bars()
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
+        _close_progress_bars()
         print("interrupted", file=sys.stderr)
         sys.exit(130)

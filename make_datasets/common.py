@@ -8,9 +8,9 @@ themselves live in utils.py.
 """
 import argparse
 import os
+import secrets
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -189,12 +189,13 @@ def write_stack(folder, slices, ext, copies=()):
     system allows (no second copy on disk), else as copies.
     """
     folder = Path(folder)
-    staged = _staging_folder(folder)
+    staging = []   # every staging folder of this call, removed on the way out whatever happens
     try:
+        staged = _staging_folder(folder, staging)
         for k, image in enumerate(slices, start=1):
             write_image(staged / f"{k}.{ext}", image)
         for copy in copies:
-            linked = _staging_folder(Path(copy))
+            linked = _staging_folder(Path(copy), staging)
             for file in sorted(staged.iterdir()):
                 try:
                     os.link(file, linked / file.name)
@@ -203,13 +204,19 @@ def write_stack(folder, slices, ext, copies=()):
             _replace_folder(linked, Path(copy))
         _replace_folder(staged, folder)
     finally:
-        if staged.exists():
-            shutil.rmtree(staged)
+        for path in staging:
+            if path.exists():
+                shutil.rmtree(path)
 
 
-def _staging_folder(folder: Path) -> Path:
+def _staging_folder(folder: Path, staging: list) -> Path:
+    """A new hidden sibling of ``folder``, listed in ``staging`` before it is created
+    (so that an interrupt arriving just after its creation cannot leave it behind)."""
     folder.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".part", dir=folder.parent))
+    path = folder.parent / f".{folder.name}.{secrets.token_hex(8)}.part"
+    staging.append(path)
+    path.mkdir()
+    return path
 
 
 def _replace_folder(staged: Path, folder: Path):

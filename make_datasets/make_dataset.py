@@ -29,10 +29,13 @@ import numpy as np
 
 from make_datasets.common import make_dirs, pair_by_stem, read_depth_8bit, run_batch, write_stack
 from make_datasets.synthesis import RELEASED_SLICE_COUNTS, physical_stack, released_stack
-from utils import InputError, ensure_output_dir, index_picture, read_image, run_cli, write_image
+from utils import (InputError, ensure_output_dir, index_picture, read_image, refuse_output_into_input, run_cli,
+                   write_image)
 
 MODES = ("released", "physical")
 FORMATS = ("jpg", "png", "tif", "bmp")
+# Under --output_dir: the four released folders, then the two of --train_layout.
+OUTPUT_FOLDERS = ("AiF", "depth", "quantized_depth", "dof_stack", "image_stacks", "depth_maps")
 
 
 def get_args_parser():
@@ -86,10 +89,13 @@ def check_args(args):
 def main(args):
     check_args(args)
     pairs = pair_by_stem(args.image_dir, args.depth_dir)
+    for folder in OUTPUT_FOLDERS:
+        refuse_output_into_input(Path(args.output_dir, folder), args.image_dir, args.depth_dir,
+                                 what="output subfolder")
     root = ensure_output_dir(args.output_dir)
-    aif_dir, depth_dir, quantized_dir, stack_dir = make_dirs(root, "AiF", "depth", "quantized_depth", "dof_stack")
+    aif_dir, depth_dir, quantized_dir, stack_dir = make_dirs(root, *OUTPUT_FOLDERS[:4])
     if args.train_layout:
-        train_stack_dir, train_depth_dir = make_dirs(root, "image_stacks", "depth_maps")
+        train_stack_dir, train_depth_dir = make_dirs(root, *OUTPUT_FOLDERS[4:])
 
     def process(pair):
         name, image_path, depth_path = pair

@@ -410,3 +410,71 @@ class TestRealData:
             images = [read_image(LYTRO / "A" / f"{k}.jpg"), read_image(LYTRO / "B" / f"{k}.jpg")]
             assert_same_outputs(read_outputs(tmp_path / "out" / "lytro" / "Lytro", str(k)),
                                 render_outputs(fuse_images(model, images), images))
+
+
+class TestInterruption:
+    """A real kill of a running predict_datasets.py: only whole files, then a resume finishes."""
+
+    @pytest.mark.parametrize("how", ["SIGTERM to the process", "Ctrl-C (SIGINT to the group, reader workers)"])
+    def test_killed_process_leaves_whole_files_and_resumes(self, tmp_path, weights, how):
+        import signal
+        import time
+        stacks = tmp_path / "data" / "syn" / "dof_stack"
+        scenes = [f"s{k}" for k in range(40)]
+        for k, name in enumerate(scenes):
+            write_stack(stacks / name, 4, 96, 96, seed=k)
+        out = tmp_path / "out"
+        workers = "0" if how.startswith("SIGTERM") else "1"
+        process = subprocess.Popen(
+            [sys.executable, str(REPO / "predict_datasets.py"), "--test_root", str(tmp_path / "data"),
+             "--test_datasets", "syn", "--model_path", str(weights), "--output_dir", str(out),
+             "--run_name", "r", "--num_workers", workers, "--device", "cpu"],
+            cwd=REPO, env=ONE_THREAD, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            start_new_session=True)
+        fused = out / "r" / "syn" / "fused_images"
+        deadline = time.monotonic() + 120
+        while process.poll() is None and time.monotonic() < deadline:
+            if fused.is_dir() and len(list(fused.glob("*.png"))) >= 3:
+                break
+            time.sleep(0.01)
+        assert process.poll() is None, "the run ended before it could be interrupted"
+        if how.startswith("SIGTERM"):
+            process.send_signal(signal.SIGTERM)
+        else:
+            os.killpg(process.pid, signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+        assert process.returncode == 130, stderr[-2000:]
+        assert "Traceback" not in stderr and stderr.rstrip().endswith("interrupted")
+
+        written = [p for p in (out / "r").rglob("*") if p.is_file()]
+        assert not [p for p in written if ".part" in p.name]
+        for path in written:   # every file that exists decodes whole
+            if path.suffix == ".npy":
+                assert np.load(path).shape == (96, 96)
+            else:
+                assert read_image(path).shape[:2] == (96, 96)
+        done = [s for s in scenes if batch_inference.is_done(batch_inference.scene_output_paths(out / "r" / "syn", s))]
+        assert 2 <= len(done) < len(scenes)   # the third scene may be cut between its files
+
+        resumed = predict_datasets.main(stack_args(tmp_path / "data", weights, out, "--run_name", "r",
+                                                   "--skip_existing"))
+        report = resumed.datasets[0]
+        assert report.skipped == len(done) and report.skipped + report.fused == len(scenes)
+        assert not report.failed and resumed.exit_status == 0
+
+
+class TestOutputAndCheckpoint:
+    def test_output_dir_equal_to_test_root_leaves_the_input_alone(self, stack_root, weights):
+        """Outputs go to <output_dir>/<run>/<dataset>/<kind>/: even with --output_dir
+        equal to --test_root (or to the dataset folder) no input file is touched."""
+        before = {p: p.read_bytes() for p in stack_root.rglob("*") if p.is_file()}
+        for out in (stack_root, stack_root / "syn"):
+            summary = predict_datasets.main(stack_args(stack_root, weights, out, "--run_name", "r"))
+            assert summary.datasets[0].fused == len(GOOD_STACKS) and summary.datasets[0].scenes == 9
+        assert {p: p.read_bytes() for p in before} == before
+
+    def test_checkpoint_of_another_network_writes_nothing(self, stack_root, tmp_path):
+        torch.save(torch.nn.Conv2d(1, 1, 3).state_dict(), tmp_path / "other.pth")
+        with pytest.raises(InputError, match="not a StackMFF-V2 checkpoint"):
+            predict_datasets.main(stack_args(stack_root, tmp_path / "other.pth", tmp_path / "o"))
+        assert not (tmp_path / "o").exists()

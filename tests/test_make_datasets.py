@@ -195,6 +195,36 @@ class TestCommon:
         assert "skipped 2: bad item" in capsys.readouterr().err
 
 
+    @pytest.mark.parametrize("where", ["creating the staging folder", "linking the copy", "replacing the copy"])
+    def test_interrupted_stack_write_leaves_no_staging_folder(self, tmp_path, monkeypatch, where):
+        """An interrupt at any step of write_stack leaves no hidden .part folder and
+        never a half-written stack folder."""
+        from make_datasets import common
+        target, copy = tmp_path / "dof_stack" / "a", tmp_path / "image_stacks" / "a"
+        slices = [textured((8, 8, 3), seed=k) for k in range(3)]
+        def then_interrupt(real, when):
+            def wrapper(*args, **kwargs):
+                result = real(*args, **kwargs)
+                if when(*args):
+                    raise KeyboardInterrupt   # the signal lands just after the step
+                return result
+            return wrapper
+
+        if where == "creating the staging folder":
+            monkeypatch.setattr(Path, "mkdir", then_interrupt(Path.mkdir, lambda path, *a: path.suffix == ".part"))
+        elif where == "linking the copy":
+            monkeypatch.setattr(common.os, "link", then_interrupt(common.os.link, lambda *a: True))
+        else:
+            monkeypatch.setattr(common.os, "replace", then_interrupt(common.os.replace, lambda a, b: Path(b) == copy))
+        with pytest.raises(KeyboardInterrupt):
+            common.write_stack(target, slices, "png", copies=[copy])
+        monkeypatch.undo()
+        leftovers = [p for p in tmp_path.rglob("*") if p.name.endswith(".part")]
+        assert leftovers == []
+        for folder in (target, copy):
+            assert not folder.exists() or sorted(p.name for p in folder.iterdir()) == ["1.png", "2.png", "3.png"]
+
+
 # ============================================================================= make_dataset.py
 
 @pytest.fixture
@@ -276,6 +306,20 @@ class TestMakeDataset:
         assert "skipped b: no depth map" in result.stderr and "skipped c2: depth map is 5x5" in result.stderr
         assert "Traceback" not in result.stderr
         assert sorted(p.name for p in (out / "dof_stack").iterdir()) == ["a", "c10"]
+
+    def test_output_folder_holding_the_input_is_refused(self, scene_tree, tmp_path):
+        """--image_dir data/AiF with --output_dir data would re-encode the inputs in place."""
+        images, depths = scene_tree
+        aif = tmp_path / "AiF"
+        images.rename(aif)
+        before = {p.name: p.read_bytes() for p in aif.iterdir()}
+        result = subprocess.run([PYTHON, "-m", "make_datasets.make_dataset", "--image_dir", str(aif),
+                                 "--depth_dir", str(depths), "--output_dir", str(tmp_path)],
+                                capture_output=True, text=True, cwd=ROOT, timeout=120)
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert "is the input folder" in result.stderr and result.stderr.count("\n") == 1
+        assert {p.name: p.read_bytes() for p in aif.iterdir()} == before
+        assert not (tmp_path / "dof_stack").exists()
 
     def test_missing_folder_is_one_clear_error(self, tmp_path):
         result = subprocess.run([PYTHON, "-m", "make_datasets.make_dataset", "--image_dir", str(tmp_path / "nope"),

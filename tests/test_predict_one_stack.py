@@ -1,4 +1,5 @@
 """predict_one_stack.py end to end: outputs, formats, bit depth and clear errors."""
+import os
 import subprocess
 import sys
 
@@ -14,9 +15,13 @@ OUTPUTS = ("fused_gray.png", "depth_map.png", "color_fused.png", "depth_colormap
            "depth_index.npy", "depth_index_vis.png")
 
 
+# One thread per process: on a busy 2-core machine more threads run many times slower.
+ONE_THREAD = dict(os.environ, OMP_NUM_THREADS="1")
+
+
 def run(*args):
     return subprocess.run([sys.executable, SCRIPT, "--device", "cpu", *map(str, args)],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, env=ONE_THREAD, timeout=300)
 
 
 def write_stack(folder, slices, ext=".png"):
@@ -97,14 +102,68 @@ class TestBadInput:
         result = run("--input_dir", stack, "--output_dir", tmp_path / "out", "--model_path", random_weights)
         assert_clean_failure(result, "mixes image sizes", tmp_path / "out")
 
-    def test_unreadable_image(self, tmp_path, random_weights):
+    @pytest.mark.parametrize("content, words", [(b"\x89PNG truncated", "3.png' is not a readable image"),
+                                                (b"", "3.png' is empty (0 bytes)")])
+    def test_unreadable_image(self, tmp_path, random_weights, content, words):
         stack = write_stack(tmp_path / "stack", textured_stack(2))
-        (stack / "3.png").write_bytes(b"\x89PNG truncated")
+        (stack / "3.png").write_bytes(content)
         result = run("--input_dir", stack, "--output_dir", tmp_path / "out", "--model_path", random_weights)
-        assert_clean_failure(result, "3.png", tmp_path / "out")
+        assert_clean_failure(result, words, tmp_path / "out")
 
     def test_wrong_checkpoint(self, tmp_path):
         stack = write_stack(tmp_path / "stack", textured_stack(2))
         (tmp_path / "bad.pth").write_text("hello")
         result = run("--input_dir", stack, "--output_dir", tmp_path / "out", "--model_path", tmp_path / "bad.pth")
         assert_clean_failure(result, "bad.pth", tmp_path / "out")
+
+    def test_folder_of_non_images(self, tmp_path, random_weights):
+        (tmp_path / "docs").mkdir()
+        (tmp_path / "docs" / "notes.txt").write_text("not a slice")
+        (tmp_path / "docs" / "table.csv").write_text("a,b\n")
+        result = run("--input_dir", tmp_path / "docs", "--output_dir", tmp_path / "out", "--model_path", random_weights)
+        assert_clean_failure(result, "holds no images", tmp_path / "out")
+
+    def test_mixed_bit_depths(self, tmp_path, random_weights):
+        stack = write_stack(tmp_path / "stack", textured_stack(2, 32, 32))
+        write_image(stack / "3.png", textured_stack(1, 32, 32, dtype=np.uint16)[0])
+        result = run("--input_dir", stack, "--output_dir", tmp_path / "out", "--model_path", random_weights)
+        assert_clean_failure(result, "mixes bit depths", tmp_path / "out")
+
+    def test_output_folder_equal_to_input_folder(self, tmp_path, random_weights):
+        stack = write_stack(tmp_path / "stack", textured_stack(3, 32, 32))
+        before = {p.name: p.read_bytes() for p in stack.iterdir()}
+        result = run("--input_dir", stack, "--output_dir", stack, "--model_path", random_weights, "--fixed_names")
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert result.stderr.strip().count("\n") == 0 and "is the input folder" in result.stderr
+        assert {p.name: p.read_bytes() for p in stack.iterdir()} == before
+
+    def test_checkpoint_of_another_network(self, tmp_path):
+        import torch
+        stack = write_stack(tmp_path / "stack", textured_stack(2))
+        torch.save(torch.nn.Conv2d(1, 1, 3).state_dict(), tmp_path / "other.pth")
+        result = run("--input_dir", stack, "--output_dir", tmp_path / "out", "--model_path", tmp_path / "other.pth")
+        assert_clean_failure(result, "not a StackMFF-V2 checkpoint", tmp_path / "out")
+
+
+@pytest.mark.parametrize("num_slices, height, width", [
+    (3, 8, 8),        # under 32 px: padded up to 32 by the resize and back
+    (3, 1, 1),        # a single pixel
+    (3, 4, 600),      # very wide
+    (2, 900, 3),      # very tall
+    (1000, 8, 8),     # a thousand slices (about 5 s on a 2-core CPU)
+])
+def test_odd_shapes_fuse_through_the_whole_cli(tmp_path, random_weights, num_slices, height, width):
+    base = textured_stack(2, height, width, channels=1)
+    stack = tmp_path / "stack"
+    stack.mkdir()
+    for k in range(num_slices):
+        cv2.imwrite(str(stack / f"{k}.png"), base[k % 2])
+    result = run("--input_dir", stack, "--output_dir", tmp_path / "out", "--model_path", random_weights,
+                 "--fixed_names")
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    index = np.load(tmp_path / "out" / "depth_index.npy")
+    assert index.shape == (height, width) and 0 <= index.min() and index.max() < num_slices
+    for name in OUTPUTS:
+        if name.endswith(".png"):
+            assert cv2.imread(str(tmp_path / "out" / name), cv2.IMREAD_UNCHANGED).shape[:2] == (height, width)

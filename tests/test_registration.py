@@ -288,6 +288,25 @@ class TestCommandLine:
         assert written.shape == frames[1].shape and written.dtype == np.uint8
         assert not np.array_equal(written, frames[1])   # it was moved
 
+    def test_output_equal_to_input_is_refused_and_input_kept(self, tmp_path):
+        frames, _ = make_stack(*shaky_breathing(n=3, zoom=0.02, shake=2.0, turn=0.0, seed=6))
+        # frames named as the script names its output: writing there would replace them
+        stack = write_stack(tmp_path / "stack", frames, "frame_{:04d}.png")
+        before = {p.name: p.read_bytes() for p in stack.iterdir()}
+        result = self.run(stack, "-o", stack)
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert result.stderr.strip().splitlines() == [result.stderr.strip()] and "is the input folder" in result.stderr
+        assert {p.name: p.read_bytes() for p in stack.iterdir()} == before
+
+    def test_one_pixel_frames_are_one_clear_line(self, tmp_path):
+        stack = tmp_path / "dots"
+        stack.mkdir()
+        for k in range(2):
+            cv2.imwrite(str(stack / f"{k}.png"), np.full((1, 1, 3), 40 * k, np.uint8))
+        result = self.run(stack, "-o", tmp_path / "out")
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert "is 1x1 pixels; registration needs at least 2x2" in result.stderr
+
     def test_missing_folder_is_one_clear_line(self, tmp_path):
         result = self.run(tmp_path / "nope", "-o", tmp_path / "out")
         assert result.returncode == 2

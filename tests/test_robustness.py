@@ -141,3 +141,143 @@ def test_output_folder_that_cannot_be_created_even_by_root():
     # /proc accepts no new folders whoever asks, so this also runs as root (CI).
     with pytest.raises(InputError, match="cannot create output folder"):
         utils.ensure_output_dir("/proc/stackmff_output_test/out")
+
+
+# ----------------------------------------------------------------------------- multi-page TIFF fuzz
+
+PAGE = st.tuples(st.integers(1, 24), st.integers(1, 24), st.sampled_from([1, 2, 3, 4]),
+                 st.sampled_from([np.uint8, np.uint16]))
+
+
+@FUZZ
+@given(pages=st.lists(PAGE, min_size=1, max_size=4), cut=st.floats(0.0, 1.0), seed=st.integers(0, 99))
+def test_random_multipage_tiffs_read_whole_or_fail_cleanly(tmp_path, pages, cut, seed):
+    """Pages of random sizes, 1-4 channels (2 = gray + alpha), 8/16 bit; the file
+    whole and cut short at a random byte. Never an error of another type, and a
+    cut file never passes as a shorter stack."""
+    rng = np.random.default_rng(seed)
+    images = []
+    for h, w, c, dtype in pages:
+        shape = (h, w) if c == 1 else (h, w, c)
+        images.append(rng.integers(0, np.iinfo(dtype).max, size=shape, endpoint=True).astype(dtype))
+    try:
+        ok, encoded = cv2.imencodemulti(".tif", images)
+    except cv2.error:
+        ok = False   # OpenCV cannot write this page (2 channels): nothing to read back
+    if not ok:
+        return
+    data = encoded.tobytes()
+    whole, part = tmp_path / "whole.tif", tmp_path / "part.tif"
+    whole.write_bytes(data)
+    part.write_bytes(data[: int(len(data) * cut)])
+    try:
+        read_pages = utils.read_tiff_pages(whole)
+    except InputError:
+        pytest.fail("a valid multi-page TIFF was refused")
+    assert len(read_pages) == len(images)
+    for got, want in zip(read_pages, images):
+        assert got.dtype == want.dtype and got.shape[:2] == want.shape[:2]
+    try:
+        assert len(utils.read_tiff_pages(part)) == len(images)
+    except InputError:
+        pass
+    for source in (whole, part):
+        try:
+            stack, names = read_stack(source, min_slices=1)
+        except InputError:
+            continue
+        assert len(stack) == len(images) and len({im.shape[:2] for im in stack}) == 1
+
+
+@pytest.mark.parametrize("ext", [".png", ".tif"])
+def test_gray_plus_alpha_images_read_as_gray(tmp_path, ext):
+    from PIL import Image
+    gray = np.arange(64, dtype=np.uint8).reshape(8, 8) * 4
+    Image.fromarray(np.dstack([gray, np.full((8, 8), 128, np.uint8)]), mode="LA").save(tmp_path / f"la{ext}")
+    image = read_image(tmp_path / f"la{ext}")
+    assert image.dtype == np.uint8 and image.shape[:2] == (8, 8)
+    np.testing.assert_array_equal(image if image.ndim == 2 else image[:, :, 0], gray)
+
+
+def test_truncated_multipage_tiff_is_not_a_shorter_stack(tmp_path):
+    assert cv2.imwritemulti(str(tmp_path / "s.tif"), textured_stack(3, 32, 32))
+    data = (tmp_path / "s.tif").read_bytes()
+    (tmp_path / "cut.tif").write_bytes(data[: len(data) * 2 // 3])
+    with pytest.raises(InputError, match="not a readable TIFF"):
+        read_stack(tmp_path / "cut.tif")
+
+
+# ----------------------------------------------------------------------------- native library noise
+
+def test_decoder_messages_do_not_reach_the_terminal(tmp_path, capfd):
+    """libpng / libtiff print their own lines for a corrupt file; the user sees only the InputError."""
+    image = textured_stack(1, 64, 64)[0]
+    (tmp_path / "cut.png").write_bytes(cv2.imencode(".png", image)[1].tobytes()[:300])
+    assert cv2.imwritemulti(str(tmp_path / "s.tif"), textured_stack(2, 32, 32))
+    data = (tmp_path / "s.tif").read_bytes()
+    (tmp_path / "cut.tif").write_bytes(data[: len(data) * 2 // 3])
+    capfd.readouterr()
+    with pytest.raises(InputError):
+        read_image(tmp_path / "cut.png")
+    with pytest.raises(InputError):
+        utils.read_tiff_pages(tmp_path / "cut.tif")
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""
+    # descriptor 2 works again afterwards
+    os.write(2, b"still here\n")
+    assert capfd.readouterr().err == "still here\n"
+
+
+# ----------------------------------------------------------------------------- writing
+
+def test_interrupt_just_after_the_temporary_file_is_created(tmp_path, monkeypatch):
+    """SIGTERM / Ctrl-C between the creation of the .part file and anything else
+    (found by killing predict_datasets.py: tempfile.mkstemp left such files)."""
+    real_open = os.open
+
+    def open_then_interrupt(*args, **kwargs):
+        os.close(real_open(*args, **kwargs))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(utils.os, "open", open_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        write_image(tmp_path / "a.png", np.zeros((4, 4), np.uint8))
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == []
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    """The temporary file of an atomic write is private (0600); the result must
+    have the mode open() gives (0666 less the umask), like any other output."""
+    write_image(tmp_path / "a.png", np.zeros((4, 4), np.uint8))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "a.png").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_output_folder_equal_to_input_folder_is_refused(tmp_path):
+    (tmp_path / "in").mkdir()
+    os.symlink(tmp_path / "in", tmp_path / "link")
+    for same in (tmp_path / "in", tmp_path / "link", tmp_path / "in" / ".." / "in"):
+        with pytest.raises(InputError, match="is the input folder"):
+            utils.refuse_output_into_input(same, tmp_path / "in")
+    utils.refuse_output_into_input(tmp_path / "in" / "out", tmp_path / "in")   # a subfolder is fine
+    utils.refuse_output_into_input(tmp_path / "out", None, tmp_path / "in")
+
+
+# ----------------------------------------------------------------------------- batch reader processes
+
+def _die():
+    os.kill(os.getpid(), 9)
+
+
+def test_dead_reader_process_is_one_clear_error(tmp_path, random_weights):
+    """A DataLoader worker killed from outside (e.g. out of memory) ends the batch
+    with an InputError that says how to resume, not a traceback."""
+    import torch
+    from batch_inference import Ranks, Scene, run_dataset
+    from model import load_model
+    scenes = [Scene("killer", load=_die)]
+    with pytest.raises(InputError, match="reader process died.*--skip_existing"):
+        run_dataset(load_model(random_weights), torch.device("cpu"), "syn", scenes, tmp_path / "syn",
+                    batch_size=1, num_workers=1, skip_existing=False, reverse=False, ranks=Ranks())

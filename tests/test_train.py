@@ -229,3 +229,57 @@ def test_unreadable_slice_in_a_loader_worker_gives_the_plain_message(data, tmp_p
         train.main(args)
     assert str(caught.value) == f"'{stacks / 'scene2' / '3.png'}' is not a readable image " \
                                 "(corrupt, truncated or unsupported format)"
+
+
+class TestWrongCheckpoints:
+    @pytest.mark.parametrize("flag", ["--resume", "--pretrained"])
+    def test_junk_file(self, data, tmp_path, flag):
+        (tmp_path / "junk.pth").write_bytes(b"\x80\x02 not a checkpoint")
+        with pytest.raises(InputError, match="junk.pth.*not a readable PyTorch checkpoint"):
+            train.main(tiny_args(data, tmp_path, flag, str(tmp_path / "junk.pth")))
+        assert not (tmp_path / "run").exists()
+
+    @pytest.mark.parametrize("flag", ["--resume", "--pretrained"])
+    def test_weights_of_another_network(self, data, tmp_path, flag):
+        torch.save(nn.Conv2d(1, 1, 3).state_dict(), tmp_path / "other.pth")
+        message = "weights only" if flag == "--resume" else "not a StackMFF-V2 checkpoint"
+        with pytest.raises(InputError, match=message):
+            train.main(tiny_args(data, tmp_path, flag, str(tmp_path / "other.pth")))
+        assert not (tmp_path / "run").exists()
+
+    def test_missing_file(self, data, tmp_path):
+        with pytest.raises(InputError, match="does not exist"):
+            train.main(tiny_args(data, tmp_path, "--resume", str(tmp_path / "gone.pth")))
+
+
+def test_killed_during_epoch_two_leaves_a_loadable_checkpoint_and_resumes(data, tmp_path):
+    """A real SIGTERM to train.py while epoch 2 of 3 runs: exit 130 with one line,
+    last.pth (epoch 1) loads with load_model, --resume runs epochs 2 and 3."""
+    import os
+    import signal
+    import time
+    argv = ["--train_dataset", *data["train"], "--val_dataset", *data["val"], "--training_image_size", "64",
+            "--batch_size", "2", "--num_epochs", "3", "--num_workers", "0", "--num_threads", "1",
+            "--device", "cpu", "--save_dir", str(tmp_path), "--save_name", "run"]
+    process = subprocess.Popen([sys.executable, "train.py", *argv], cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    last = tmp_path / "run" / "last.pth"
+    deadline = time.monotonic() + 120
+    while process.poll() is None and not last.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.05)   # into epoch 2: epoch 1 wrote last.pth as it ended
+    assert process.poll() is None, "training ended before it could be interrupted"
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130 and "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1].strip() == "interrupted"
+    assert "epoch 2/3: train loss" not in stdout
+    assert not [p for p in (tmp_path / "run").rglob("*") if ".part" in p.name]
+    assert torch.load(last, weights_only=True)["epoch"] == 1
+    load_model(last, "cpu")
+
+    summary = train.main(train.get_args_parser().parse_args(argv + ["--resume", str(last)]))
+    assert [h["epoch"] for h in summary["history"]] == [2, 3]
+    assert torch.load(last, weights_only=True)["epoch"] == 3
+    with open(tmp_path / "run" / "validation.csv", newline="") as f:
+        assert [r["epoch"] for r in csv.DictReader(f)] == ["1", "2", "3"]
