@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from network_blocks import BidirectionalConvGRU, InceptionDWConv, SpatialChannelBridge
-from utils import InputError, _atomic_write_bytes
+from utils import InputError, write_text
 
 ENCODER_CHANNELS = (8, 16, 24, 32, 48, 64)
 
@@ -223,7 +223,7 @@ def model_card_path(path) -> str:
 
 def write_model_card(path, card: dict):
     """Write the model card of checkpoint ``path`` (atomically)."""
-    _atomic_write_bytes(model_card_path(path), (json.dumps(card, indent=2, sort_keys=True) + "\n").encode())
+    write_text(model_card_path(path), json.dumps(card, indent=2, sort_keys=True) + "\n")
 
 
 def read_index_rule(path) -> str:

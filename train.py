@@ -33,7 +33,7 @@ from tqdm import tqdm
 from dataset import FocusStackDataset, GroupedBatchSampler, dataset_name
 from model import StackMFFV2, depth_map_creation, load_model
 from network_blocks import ConvGRUCell
-from utils import (InputError, _atomic_write_bytes, depth_colormap, ensure_output_dir, run_cli,
+from utils import (InputError, depth_colormap, ensure_output_dir, run_cli, write_bytes, write_text,
                    select_device, write_image)
 
 RELEASED_SLOTS = 5          # --train_stack, --train_stack_2 ... --train_stack_5
@@ -292,7 +292,7 @@ def save_checkpoint(path, state: dict):
     """torch.save to memory, then an atomic write: a crash never leaves a half-written file."""
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    _atomic_write_bytes(path, buffer.getvalue())
+    write_bytes(path, buffer.getvalue())
 
 
 def read_checkpoint(path) -> dict:
@@ -404,14 +404,14 @@ class RunLog:
         self._write_rows(rows)
         self.pictures = ensure_output_dir(run_dir / "pictures")
         self.writer = SummaryWriter(str(run_dir / "tensorboard"))
-        _atomic_write_bytes(run_dir / "run_info.json", json.dumps(info, indent=2).encode())
+        write_text(run_dir / "run_info.json", json.dumps(info, indent=2))
 
     def _write_rows(self, rows):
         text = io.StringIO()
         out = csv.DictWriter(text, fieldnames=self.columns, extrasaction="ignore", lineterminator="\n")
         out.writeheader()
         out.writerows(rows)
-        _atomic_write_bytes(self.csv_path, text.getvalue().encode())
+        write_text(self.csv_path, text.getvalue())
 
     def add_epoch(self, epoch: int, train_loss: float, lr: float, metrics: dict):
         row = {"epoch": epoch, "train_loss": f"{train_loss:.6g}", "lr": f"{lr:.6g}"}

@@ -282,7 +282,7 @@ def index_picture(index: np.ndarray, num_slices: int) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- writing
 
-def _atomic_write_bytes(path, data: bytes):
+def write_bytes(path, data: bytes):
     """Write to a temporary file in the same folder, then rename over ``path``.
 
     A reader never sees a partial file, and a failure (disk full, no
@@ -324,7 +324,7 @@ def write_image(path, image: np.ndarray, params=()):
         ok = False
     if not ok:
         raise InputError(f"cannot encode a {image.dtype} image of shape {image.shape} as '{path.suffix}' for '{path}'")
-    _atomic_write_bytes(path, encoded.tobytes())
+    write_bytes(path, encoded.tobytes())
 
 
 def write_npy(path, array: np.ndarray):
@@ -332,12 +332,12 @@ def write_npy(path, array: np.ndarray):
     import io
     buffer = io.BytesIO()
     np.save(buffer, array)
-    _atomic_write_bytes(path, buffer.getvalue())
+    write_bytes(path, buffer.getvalue())
 
 
 def write_text(path, text: str):
     """Write a UTF-8 text file (a table, a CSV) atomically."""
-    _atomic_write_bytes(path, text.encode("utf-8"))
+    write_bytes(path, text.encode("utf-8"))
 
 
 def ensure_output_dir(path) -> Path:

@@ -17,7 +17,7 @@ import numpy as np
 from scipy import ndimage
 from tqdm import tqdm
 
-from utils import (InputError, _atomic_write_bytes, ensure_output_dir, is_image_file, list_images, natural_sort_key,
+from utils import (InputError, ensure_output_dir, is_image_file, list_images, natural_sort_key, write_bytes,
                    read_image, write_image)
 
 
@@ -148,7 +148,7 @@ def copy_file(source, target):
         data = Path(source).read_bytes()
     except OSError as exc:
         raise InputError(f"cannot read '{source}': {exc.strerror or exc}") from None
-    _atomic_write_bytes(target, data)
+    write_bytes(target, data)
 
 
 def copy_images(files, output_dir, name_of, desc, min_size=0):
