@@ -220,8 +220,9 @@ def gru_logits(bigru, features: torch.Tensor, precision: str = "fp32", tile: int
     """``LayerInteraction`` of one stack: bidirectional ConvGRU, then max over channels.
 
     bigru: a BidirectionalConvGRU; features (N, 8, H, W). Returns logits (N, H, W).
-    The image is cut into tiles of ``tile`` pixels (default ``gru_tile_side``) that are computed exactly
-    (see ``_gru_tile``) and independently, by ``workers`` threads.
+    The image is cut into tiles of ``tile`` pixels (default ``gru_tile_side``)
+    that are computed exactly (see ``_gru_tile``) and independently, by
+    ``workers`` threads.
     ``precision``: see ``autocast_context``.
     """
     n, cin, h, w = features.shape
