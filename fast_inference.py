@@ -322,7 +322,10 @@ def _lerp_along(y: torch.Tensor, dim: int, pos: torch.Tensor) -> torch.Tensor:
     shape = [1] * y.dim()
     shape[dim] = -1
     frac = frac.view(shape)
-    return y.index_select(dim, lo) * (1 - frac) + y.index_select(dim, hi) * frac
+    # Advanced indexing, not index_select: on channels-last tensors index_select
+    # along W is 3-4x slower (it was 60% of a tile's feature extraction).
+    before = (slice(None),) * dim
+    return torch.lerp(y[before + (lo,)], y[before + (hi,)], frac)
 
 
 def _resize_positions(out_start: int, out_count: int, in_size: int, out_size: int) -> torch.Tensor:
@@ -411,7 +414,7 @@ class TileContext:
             out = torch.arange(start >> (level - 1), (start >> (level - 1)) + 2 * y.shape[dim],
                                dtype=torch.float64)
             y = _lerp_along(y, dim, out * ((n_in - 1) / (2 * n_in - 1)) - (start >> level))
-        return y
+        return y.contiguous(memory_format=_CHANNELS_LAST)
 
 
 class StatsAccumulator:
