@@ -220,13 +220,14 @@ def gru_logits(bigru, features: torch.Tensor, precision: str = "fp32", tile: int
     """``LayerInteraction`` of one stack: bidirectional ConvGRU, then max over channels.
 
     bigru: a BidirectionalConvGRU; features (N, 8, H, W). Returns logits (N, H, W).
-    The image is cut into tiles of ``tile`` pixels (default ``gru_tile_side``)
-    that are computed exactly (see ``_gru_tile``) and independently, by
+    The image is cut into tiles of ``tile`` pixels (default: ``gru_tile_side``
+    on CPU, the whole image elsewhere) that are computed exactly (see ``_gru_tile``) and independently, by
     ``workers`` threads.
     ``precision``: see ``autocast_context``.
     """
     n, cin, h, w = features.shape
-    tile = tile or gru_tile_side(n)
+    if tile is None:        # on GPUs small tiles would only add kernel launches: one tile
+        tile = gru_tile_side(n) if features.device.type == "cpu" else max(h, w)
     cells = (_SplitCell(bigru.forward_cell_list[0], cin), _SplitCell(bigru.backward_cell_list[0], cin))
     logits = features.new_empty((n, h, w), dtype=torch.float32)
     jobs = [partial(_gru_tile, cells, features, box, (h, w), logits, precision)
