@@ -17,6 +17,7 @@ module computes the same numbers with the same weights, faster and leaner:
   interiors in statistics passes and then applied to every tile, so the tiles
   stay close to whole-image results (see docs/performance.md for the drift).
 """
+import ctypes
 import math
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
@@ -98,9 +99,9 @@ def extract_features(fe, x: torch.Tensor, ctx=None) -> torch.Tensor:
     y = F.gelu(ctx.norm("dbn1", fe.dbn1, fe.decoder1(y))) + bridged[4]
     for k in range(2, NUM_LEVELS + 1):                               # up to H/2
         y = ctx.up(ctx.norm(f"dbn{k}", getattr(fe, f"dbn{k}"), getattr(fe, f"decoder{k}")(y)))
-        y = F.gelu(y) + bridged[5 - k]
+        y = F.gelu(y).add_(bridged[5 - k])
         bridged[5 - k] = None
-    return torch.sigmoid(ctx.up(fe.final(y)))
+    return ctx.up(fe.final(y)).sigmoid_()
 
 
 # ----------------------------------------------------------------------------- ConvGRU
@@ -290,11 +291,38 @@ def fast_focus_logits(model, x: torch.Tensor, precision: str = "fp32", chunk: in
     return torch.stack(out)
 
 
+_MALLOC_TUNED = []
+
+
+def reuse_freed_memory():
+    """Let glibc keep freed blocks of up to 1 GiB for reuse (once per process).
+
+    By default tensors over 32 MB get fresh pages from the kernel each time,
+    and every page is then faulted in and zeroed: about 7% of the fast path's
+    CPU time at 1 MP (measured: 0.85 s -> 0.4 s system time for 8 x 1 MP),
+    for about 10% more peak memory. No-op where glibc is not the allocator.
+    """
+    if _MALLOC_TUNED:
+        return
+    _MALLOC_TUNED.append(True)
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, GIB)
+        libc.mallopt(_M_TRIM_THRESHOLD, 2 * GIB)
+    except (OSError, AttributeError):
+        pass
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3       # glibc's mallopt parameters
+
+
 def fast_forward(model, x: torch.Tensor, precision: str = "fp32", chunk: int = 2, workers: int = None):
     """Same contract as ``StackMFFV2.forward``: x (B, N, H, W) -> (fused, depth, index).
 
-    workers: threads (see ``fast_focus_logits``)."""
+    workers: threads (see ``fast_focus_logits``). On CPU it calls ``reuse_freed_memory``."""
     n = x.shape[1]
+    if x.device.type == "cpu":
+        reuse_freed_memory()
     with torch.inference_mode():
         logits = fast_focus_logits(model, x, precision, chunk, workers)
         depth = depth_map_creation(logits)                                 # (B, 1, H, W)
