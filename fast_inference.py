@@ -4,13 +4,12 @@
 feature extractor on all B*N slices at once and keeps every GRU state. This
 module computes the same numbers with the same weights, faster and leaner:
 
-* ``fast_focus_logits``: whole image, the feature extractor in chunks of
-  slices, channels-last tensors (about 2x faster convolutions on CPU), and a
-  GRU whose gate convolutions are split by linearity,
-  ``conv(cat[x, h]) = conv_x(x) + conv_h(h)``, so that the input half of both
-  gate convolutions is one 8 -> 48 convolution; only the forward states
-  are kept and the backward pass reduces ``max_c(forward + backward)`` on the
-  fly.
+* ``fast_focus_logits``: whole image, the feature extractor slice by slice
+  (channels-last tensors, about 2x faster convolutions on CPU), and a GRU
+  computed exactly in small tiles whose states stay in cache (``_gru_tile``),
+  its gate convolutions split by linearity,
+  ``conv(cat[x, h]) = conv_x(x) + conv_h(h)``. Slices and GRU tiles are
+  independent jobs shared by worker threads (``_run_all``).
 * ``tiled_fusion``: tiles with a halo whose memory does not grow with the
   image. The network's image-wide statistics (GroupNorm means/variances,
   channel-attention pools, the depth min/max) are accumulated over tile
