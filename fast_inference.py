@@ -4,21 +4,23 @@
 feature extractor on all B*N slices at once and keeps every GRU state. This
 module computes the same numbers with the same weights, faster and leaner:
 
-* ``fast_focus_logits``: whole image, the feature extractor in chunks of
-  slices, channels-last tensors (about 2x faster convolutions on CPU), and a
-  GRU whose gate convolutions are split by linearity,
-  ``conv(cat[x, h]) = conv_x(x) + conv_h(h)``, so that the input half of both
-  gate convolutions is one 8 -> 48 convolution; only the forward states
-  are kept and the backward pass reduces ``max_c(forward + backward)`` on the
-  fly.
+* ``fast_focus_logits``: whole image, the feature extractor slice by slice
+  (channels-last tensors, about 2x faster convolutions on CPU), and a GRU
+  computed exactly in small tiles whose states stay in cache (``_gru_tile``),
+  its gate convolutions split by linearity,
+  ``conv(cat[x, h]) = conv_x(x) + conv_h(h)``. Slices and GRU tiles are
+  independent jobs shared by worker threads (``_run_all``).
 * ``tiled_fusion``: tiles with a halo whose memory does not grow with the
   image. The network's image-wide statistics (GroupNorm means/variances,
   channel-attention pools, the depth min/max) are accumulated over tile
   interiors in statistics passes and then applied to every tile, so the tiles
   stay close to whole-image results (see docs/performance.md for the drift).
 """
+import ctypes
 import math
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
+from functools import partial
 
 import numpy as np
 import torch
@@ -62,6 +64,14 @@ class WholeImage:
         return F.interpolate(y, scale_factor=2, mode="bilinear", align_corners=True)
 
 
+def _max_pool2(y: torch.Tensor) -> torch.Tensor:
+    """``F.max_pool2d(y, 2)`` for even H and W, bit for bit: the max of the four
+    strided quarters is twice as fast on CPU as the pooling kernel, which also
+    computes indices."""
+    return torch.maximum(torch.maximum(y[:, :, 0::2, 0::2], y[:, :, 0::2, 1::2]),
+                         torch.maximum(y[:, :, 1::2, 0::2], y[:, :, 1::2, 1::2]))
+
+
 def extract_features(fe, x: torch.Tensor, ctx=None) -> torch.Tensor:
     """``model.FeatureExtraction`` with its image-wide steps delegated to ``ctx``.
 
@@ -76,7 +86,7 @@ def extract_features(fe, x: torch.Tensor, ctx=None) -> torch.Tensor:
     skips, spatial = [], []
     for k in range(1, NUM_LEVELS + 1):                              # t_k at H / 2^k
         t = getattr(fe, f"encoder{k}")(t)
-        t = F.gelu(F.max_pool2d(ctx.norm(f"ebn{k}", getattr(fe, f"ebn{k}"), t), 2))
+        t = F.gelu(_max_pool2(ctx.norm(f"ebn{k}", getattr(fe, f"ebn{k}"), t)))
         spatial.append(bridge.satt([t])[0])                          # s_k
         skips.append(t)
     mixed = [s + t_k for s, t_k in zip(spatial, skips)]             # u_k
@@ -88,98 +98,231 @@ def extract_features(fe, x: torch.Tensor, ctx=None) -> torch.Tensor:
     y = F.gelu(ctx.norm("dbn1", fe.dbn1, fe.decoder1(y))) + bridged[4]
     for k in range(2, NUM_LEVELS + 1):                               # up to H/2
         y = ctx.up(ctx.norm(f"dbn{k}", getattr(fe, f"dbn{k}"), getattr(fe, f"decoder{k}")(y)))
-        y = F.gelu(y) + bridged[5 - k]
+        y = F.gelu(y).add_(bridged[5 - k])
         bridged[5 - k] = None
-    return torch.sigmoid(ctx.up(fe.final(y)))
+    return ctx.up(fe.final(y)).sigmoid_()
 
 
 # ----------------------------------------------------------------------------- ConvGRU
+
+# A box is (y0, y1, x0, x1) in whole-image pixels, end exclusive.
+
+
+def _grow(box, margin, size=None):
+    """box grown by ``margin`` pixels on every side, clipped to the image when ``size`` is given."""
+    y0, y1, x0, x1 = box[0] - margin, box[1] + margin, box[2] - margin, box[3] + margin
+    if size is None:
+        return y0, y1, x0, x1
+    return max(0, y0), min(size[0], y1), max(0, x0), min(size[1], x1)
+
+
+def _window(t, t_box, want, size):
+    """The part of t (b, C, h, w) covering ``t_box`` that covers ``want``.
+
+    ``want`` may reach past the image borders (by the conv padding): those
+    pixels are zeros, as the network's zero padding. Its part inside the
+    image must lie inside ``t_box``.
+    """
+    inside = _grow(want, 0, size)
+    part = t[:, :, inside[0] - t_box[0]:inside[1] - t_box[0], inside[2] - t_box[2]:inside[3] - t_box[2]]
+    pad = (inside[2] - want[2], want[3] - inside[3], inside[0] - want[0], want[1] - inside[1])
+    return F.pad(part, pad) if any(pad) else part
+
 
 class _SplitCell:
     """A ConvGRUCell's weights split into the input part and the hidden part.
 
     conv_gates(cat[x, h]) = conv(x, Wg[:, :Cin]) + conv(h, Wg[:, Cin:]) + bias,
     likewise conv_can; the two input parts are stacked into one 8 -> 48 conv.
+    All convolutions run without padding on windows that carry their own
+    zeros at the image borders, so a step can compute any box of the image.
     """
 
     def __init__(self, cell, input_channels: int):
         gates, can = cell.conv_gates, cell.conv_can
         self.hidden = cell.hidden_channels
-        self.padding = gates.padding
+        self.reach = gates.padding[0]           # 1 for the released 3x3 kernels
         self.w_x = torch.cat((gates.weight[:, :input_channels], can.weight[:, :input_channels]))
         self.b_x = torch.cat((gates.bias, can.bias))
         self.w_gates_h = gates.weight[:, input_channels:].contiguous(memory_format=_CHANNELS_LAST)
         self.w_can_h = can.weight[:, input_channels:].contiguous(memory_format=_CHANNELS_LAST)
         self.w_x = self.w_x.contiguous(memory_format=_CHANNELS_LAST)
 
-    def input_part(self, x):
-        """x (b, Cin, H, W) -> (b, 3*Ch, H, W): [reset, update, candidate] input terms."""
-        return F.conv2d(x, self.w_x, self.b_x, padding=self.padding)
+    def step(self, x, h, h_box, box, size):
+        """One GRU step on ``box``.
 
-    def step(self, gx, h):
-        """gx (1, 3*Ch, H, W) from input_part, h (1, Ch, H, W) or None (zeros) -> new h."""
-        ch = self.hidden
+        x (1, Cin, H, W): the slice's features over the whole image (size
+        (H, W)); h (1, Ch, ...) the previous state over ``h_box``, which must
+        hold ``box`` grown by 2 * reach (clipped), or None (zero state).
+        Returns the new state (1, Ch, ...) over ``box``.
+        """
+        ch, r = self.hidden, self.reach
+        gate_box = _grow(box, r, size)                     # the reset gate is needed around the box
+        whole = (0, size[0], 0, size[1])
+        gx = F.conv2d(_window(x, whole, _grow(gate_box, r), size), self.w_x, self.b_x).float()
+        inner = (slice(None), slice(None), slice(box[0] - gate_box[0], box[1] - gate_box[0]),
+                 slice(box[2] - gate_box[2], box[3] - gate_box[2]))
         # Under autocast the convolutions run in half precision but the state
         # and gates stay float32: the recurrence over N slices would otherwise
-        # accumulate rounding error.
-        # In-place updates: the step is memory-bound once the convolutions are split.
-        gx = gx.float()
-        if h is None:                                   # zero state: r * h = 0, (1 - z) * h = 0
-            return torch.sigmoid(gx[:, ch:2 * ch]).mul_(torch.tanh(gx[:, 2 * ch:]))
-        gates = F.conv2d(h, self.w_gates_h, padding=self.padding).float().add_(gx[:, :2 * ch]).sigmoid_()
-        reset, update = gates[:, :ch], gates[:, ch:]
-        candidate = F.conv2d(reset * h, self.w_can_h, padding=self.padding).float()
-        candidate.add_(gx[:, 2 * ch:]).tanh_()
-        return candidate.sub_(h).mul_(update).add_(h)   # (1 - z) h + z c = h + z (c - h)
+        # accumulate rounding error. In-place updates: the step is memory-bound.
+        if h is None:                                      # zero state: r * h = 0, (1 - z) * h = 0
+            return torch.sigmoid(gx[:, ch:2 * ch][inner]).mul_(torch.tanh(gx[:, 2 * ch:][inner]))
+        gates = F.conv2d(_window(h, h_box, _grow(gate_box, r), size), self.w_gates_h).float()
+        gates.add_(gx[:, :2 * ch]).sigmoid_()
+        reset_h = gates[:, :ch].mul_(_window(h, h_box, gate_box, size))
+        candidate = F.conv2d(_window(reset_h, gate_box, _grow(box, r), size), self.w_can_h).float()
+        candidate.add_(gx[:, 2 * ch:][inner]).tanh_()
+        h = _window(h, h_box, box, size)
+        return candidate.sub_(h).mul_(gates[:, ch:][inner]).add_(h)   # (1 - z) h + z c = h + z (c - h)
 
 
-def gru_logits(bigru, features: torch.Tensor) -> torch.Tensor:
+def _gru_tile(cells, features, interior, size, out, precision="fp32"):
+    """Both GRU directions for the pixels of ``interior`` -> out[:, interior] (logits).
+
+    A state at step t depends on the previous one within 2 * reach pixels
+    (the candidate convolves reset * h, and reset is itself a convolution),
+    so step t of the forward direction is computed on the interior grown by
+    2 * reach * (N - 1 - t): exact results with no halo beyond what later
+    steps need, and all states of a tile small enough to stay in cache.
+    """
+    with autocast_context(precision, features.device):     # autocast is per thread
+        _gru_tile_steps(cells, features, interior, size, out)
+
+
+def _gru_tile_steps(cells, features, interior, size, out):
+    forward_cell, backward_cell = cells
+    n = features.shape[0]
+    span = 2 * forward_cell.reach
+    kept, h, h_box = [], None, None
+    for t in range(n):
+        box = _grow(interior, span * (n - 1 - t), size)
+        h, h_box = forward_cell.step(features[t:t + 1], h, h_box, box, size), box
+        kept.append(_window(h, box, interior, size).clone())
+    h, h_box = None, None
+    for t in reversed(range(n)):
+        box = _grow(interior, span * t, size)
+        h, h_box = backward_cell.step(features[t:t + 1], h, h_box, box, size), box
+        both = kept[t].add_(_window(h, box, interior, size))
+        out[t, interior[0]:interior[1], interior[2]:interior[3]] = both.amax(dim=1)[0]
+        kept[t] = None
+
+
+def gru_tile_side(num_slices: int) -> int:
+    """Interior side of the GRU tiles: small enough for the 16-channel states
+    to stay in cache, large enough for the halo (about N pixels on every side
+    on average) to stay cheap. Measured on CPU, one thread, 1 MP: 128 best
+    for 8 slices, 256 for 16."""
+    return min(256, max(128, 16 * num_slices))
+
+
+def gru_logits(bigru, features: torch.Tensor, precision: str = "fp32", tile: int = None,
+               workers: int = 1) -> torch.Tensor:
     """``LayerInteraction`` of one stack: bidirectional ConvGRU, then max over channels.
 
     bigru: a BidirectionalConvGRU; features (N, 8, H, W). Returns logits (N, H, W).
-    Holds the forward states (N, 16, H, W) but never the backward ones. The
-    input convolution runs per slice: on CPU a batch of slices was slower
-    (cache), measured.
+    The image is cut into tiles of ``tile`` pixels (default: ``gru_tile_side``
+    on CPU, the whole image elsewhere) that are computed exactly (see ``_gru_tile``) and independently, by
+    ``workers`` threads.
+    ``precision``: see ``autocast_context``.
     """
-    n, cin = features.shape[:2]
-    forward_cell = _SplitCell(bigru.forward_cell_list[0], cin)
-    backward_cell = _SplitCell(bigru.backward_cell_list[0], cin)
-    forward_states, h = [], None
-    for t in range(n):
-        h = forward_cell.step(forward_cell.input_part(features[t:t + 1]), h)
-        forward_states.append(h)
-    logits = features.new_empty((n,) + features.shape[2:], dtype=torch.float32)
-    h = None
-    for t in reversed(range(n)):
-        h = backward_cell.step(backward_cell.input_part(features[t:t + 1]), h)
-        logits[t] = (forward_states[t] + h).amax(dim=1)[0]
-        forward_states[t] = None
+    n, cin, h, w = features.shape
+    if tile is None:        # on GPUs small tiles would only add kernel launches: one tile
+        tile = gru_tile_side(n) if features.device.type == "cpu" else max(h, w)
+    cells = (_SplitCell(bigru.forward_cell_list[0], cin), _SplitCell(bigru.backward_cell_list[0], cin))
+    logits = features.new_empty((n, h, w), dtype=torch.float32)
+    jobs = [partial(_gru_tile, cells, features, box, (h, w), logits, precision)
+            for box in _tiles((h, w), tile)]
+    _run_all(jobs, workers)
     return logits
 
 
-def fast_focus_logits(model, x: torch.Tensor, precision: str = "fp32", chunk: int = 2) -> torch.Tensor:
+# ----------------------------------------------------------------------------- threads
+
+
+def _single_threaded_call(job):
+    torch.set_num_threads(1)    # per calling thread for OpenMP: the workers do not compete
+    with torch.inference_mode():    # grad mode is per thread too; these paths only infer
+        return job()
+
+
+def _run_all(jobs, workers):
+    """Run independent jobs on ``workers`` Python threads, each with one torch thread.
+
+    PyTorch releases the GIL inside its kernels, so the threads run in
+    parallel; on CPU this scales better than intra-op threads, whose
+    element-wise kernels are memory-bound on large tensors. Returns the
+    results in job order.
+    """
+    if workers <= 1 or len(jobs) <= 1:
+        return [job() for job in jobs]
+    saved = torch.get_num_threads()
+    try:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            return list(pool.map(_single_threaded_call, jobs))
+    finally:
+        torch.set_num_threads(saved)
+
+
+def fast_focus_logits(model, x: torch.Tensor, precision: str = "fp32", chunk: int = 2,
+                      workers: int = None) -> torch.Tensor:
     """Focus logits of ``model.focus_logits`` computed faster and leaner.
 
     x (B, N, H, W) in [0, 1], H and W multiples of 32 -> logits (B, N, H, W)
     float32. ``precision`` 'fp16' / 'bf16' runs the GRU convolutions (most of
     the arithmetic) in half precision; the feature extractor stays float32
     because half-precision features change the index at 1-6% of the pixels.
+    ``workers`` threads (default: torch.get_num_threads() on CPU, 1 on other
+    devices) share the slices of the feature extractor (``chunk`` slices a
+    job; one with several workers, to bound memory) and the GRU tiles.
     """
     b, n, h, w = x.shape
+    if workers is None:
+        workers = torch.get_num_threads() if x.device.type == "cpu" else 1
+    if workers > 1:
+        chunk = 1
+    fe = model.feature_extraction
     out = []
     for k in range(b):
-        features = torch.cat([extract_features(model.feature_extraction, x[k, s:s + chunk, None])
-                              for s in range(0, n, chunk)])               # (N, 8, H, W)
-        with autocast_context(precision, x.device):
-            out.append(gru_logits(model.layer_interaction.layer_interaction_depth, features))
+        jobs = [partial(extract_features, fe, x[k, s:s + chunk, None]) for s in range(0, n, chunk)]
+        features = torch.cat(_run_all(jobs, workers))                       # (N, 8, H, W)
+        out.append(gru_logits(model.layer_interaction.layer_interaction_depth, features, precision,
+                              workers=workers))
     return torch.stack(out)
 
 
-def fast_forward(model, x: torch.Tensor, precision: str = "fp32", chunk: int = 2):
-    """Same contract as ``StackMFFV2.forward``: x (B, N, H, W) -> (fused, depth, index)."""
-    n = x.shape[1]
+_MALLOC_TUNED = []
+
+
+def reuse_freed_memory():
+    """Let glibc keep freed blocks of up to 1 GiB for reuse (once per process).
+
+    By default tensors over 32 MB get fresh pages from the kernel each time,
+    and every page is then faulted in and zeroed: about 7% of the fast path's
+    CPU time at 1 MP (measured: 0.85 s -> 0.4 s system time for 8 x 1 MP),
+    for about 10% more peak memory. No-op where glibc is not the allocator.
+    """
+    if _MALLOC_TUNED:
+        return
+    _MALLOC_TUNED.append(True)
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, GIB)
+        libc.mallopt(_M_TRIM_THRESHOLD, 2 * GIB)
+    except (OSError, AttributeError):
+        pass
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3       # glibc's mallopt parameters
+
+
+def fast_forward(model, x: torch.Tensor, precision: str = "fp32", chunk: int = 2, workers: int = None):
+    """Same contract as ``StackMFFV2.forward``: x (B, N, H, W) -> (fused, depth, index).
+
+    workers: threads (see ``fast_focus_logits``). On CPU it calls ``reuse_freed_memory``."""
+    if x.device.type == "cpu":
+        reuse_freed_memory()
     with torch.inference_mode():
-        logits = fast_focus_logits(model, x, precision, chunk)
+        logits = fast_focus_logits(model, x, precision, chunk, workers)
         index, depth = model.index_and_depth(logits)                      # (B, H, W), (B, 1, H, W)
         fused = gather_slices(x, index)                                    # (B, 1, H, W)
     return fused, depth, index
@@ -205,7 +348,10 @@ def _lerp_along(y: torch.Tensor, dim: int, pos: torch.Tensor) -> torch.Tensor:
     shape = [1] * y.dim()
     shape[dim] = -1
     frac = frac.view(shape)
-    return y.index_select(dim, lo) * (1 - frac) + y.index_select(dim, hi) * frac
+    # Advanced indexing, not index_select: on channels-last tensors index_select
+    # along W is 3-4x slower (it was 60% of a tile's feature extraction).
+    before = (slice(None),) * dim
+    return torch.lerp(y[before + (lo,)], y[before + (hi,)], frac)
 
 
 def _resize_positions(out_start: int, out_count: int, in_size: int, out_size: int) -> torch.Tensor:
@@ -294,7 +440,7 @@ class TileContext:
             out = torch.arange(start >> (level - 1), (start >> (level - 1)) + 2 * y.shape[dim],
                                dtype=torch.float64)
             y = _lerp_along(y, dim, out * ((n_in - 1) / (2 * n_in - 1)) - (start >> level))
-        return y
+        return y.contiguous(memory_format=_CHANNELS_LAST)
 
 
 class StatsAccumulator:
@@ -360,13 +506,14 @@ def plan_tiles(size, num_slices, max_memory, fixed_bytes=0, halo=0, chunk=2):
     return side
 
 
-def plan_stats_tile(size, max_memory, fixed_bytes=0, halo=0):
-    """Tile side of the statistics passes: the feature extractor of one slice only
-    (about 100 floats per crop pixel), so these tiles are much larger."""
+def plan_stats_tile(size, max_memory, fixed_bytes=0, halo=0, chunk=2):
+    """Tile side of the statistics passes: the feature extractor of one chunk of
+    slices only (about 100 floats per crop pixel and slice), so these tiles are
+    much larger."""
     if not max_memory:
         return next_multiple(max(size), ALIGN)
     budget = max_memory * GIB - fixed_bytes - _FIXED_BYTES
-    side = math.isqrt(max(0, int(budget // 400))) - 2 * halo
+    side = math.isqrt(max(0, int(budget // (400 * chunk)))) - 2 * halo
     return max(ALIGN, min(side // ALIGN * ALIGN, next_multiple(max(size), ALIGN)))
 
 
@@ -378,7 +525,7 @@ def tiled_forward(model, stack, max_memory=None, tile=None, halo=None, stat_pass
     The network runs at (H', W'), the next multiples of 32, as released.
     ``tile`` (a multiple of 32) or ``max_memory`` (GiB) sets the tile size;
     ``halo`` (default 96) is the feature extractor's context around each tile;
-    the GRU pass adds N rounded up to 32.
+    the GRU pass adds 2N rounded up to 32 (exact for the GRU).
     ``stat_passes`` passes over the tiles gather the GroupNorm and
     channel-attention statistics (each pass makes one more layer exact).
     ``stats_tile`` is the tile of the statistics passes (default: the largest
@@ -389,19 +536,20 @@ def tiled_forward(model, stack, max_memory=None, tile=None, halo=None, stat_pass
     n, h, w = stack.shape
     size = (next_multiple(h, ALIGN), next_multiple(w, ALIGN))
     halo = DEFAULT_FEATURE_HALO if halo is None else halo
-    gru_halo = next_multiple(n, ALIGN)           # each GRU step sees one pixel further
+    gru_halo = next_multiple(2 * n, ALIGN)       # each GRU step sees two pixels further
     held = stack.numel() * stack.element_size() if torch.is_tensor(stack) else stack.nbytes
     held += size[0] * size[1] * 16                               # depth, index and fused outputs
     if tile is None:
         tile = plan_tiles(size, n, max_memory, held, halo + gru_halo, chunk) if max_memory else 512
     if stats_tile is None:
-        stats_tile = plan_stats_tile(size, max_memory, held, halo)
+        stats_tile = plan_stats_tile(size, max_memory, held, halo, chunk)
     if stats_tile >= max(size):
         stat_passes = 1                 # one tile: its own statistics are the image's
     if tile % ALIGN or halo % ALIGN:
         raise ValueError(f"tile ({tile}) and halo ({halo}) must be multiples of {ALIGN}")
     fe = model.feature_extraction
     device = next(model.parameters()).device
+    workers = torch.get_num_threads() if device.type == "cpu" else 1
     boxes = _tiles(size, tile)
     stats_boxes = _tiles(size, stats_tile)
     total_steps = len(boxes) + len(stats_boxes) * stat_passes
@@ -431,8 +579,8 @@ def tiled_forward(model, stack, max_memory=None, tile=None, halo=None, stat_pass
         for box in boxes:
             crop = _with_halo(box, halo + gru_halo, size)
             feats = torch.cat(features(crop, box, given, None))   # (N, 8, h, w)
-            with autocast_context(precision, feats.device):
-                logits = gru_logits(model.layer_interaction.layer_interaction_depth, feats)
+            logits = gru_logits(model.layer_interaction.layer_interaction_depth, feats, precision,
+                                workers=workers)
             del feats
             inner = logits[:, box[0] - crop[0]:box[1] - crop[0], box[2] - crop[2]:box[3] - crop[2]]
             if model.index_rule == "argmax":   # per pixel: no image-wide statistic needed

@@ -108,3 +108,27 @@ def test_tiled_memory_does_not_grow_with_image():
     # 9x the pixels: only the outputs (16 bytes per pixel) and the uint8 stack may grow.
     grown_outputs = (768 ** 2 - 256 ** 2) * (16 + 3) / 2 ** 20
     assert large - small <= grown_outputs + 40, (small, large)
+
+
+def test_tiled_gru_is_exact(model):
+    # Tiles of 24 px on a 40 x 56 image with 7 slices: the step-by-step halo
+    # (2 px per step) reaches past neighbouring tiles and the image borders.
+    from fast_inference import gru_logits
+    bigru = model.layer_interaction.layer_interaction_depth
+    features = torch.rand(7, 8, 40, 56, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        reference = bigru(features[None]).amax(dim=2)[0]
+        whole = gru_logits(bigru, features, tile=64)
+        tiled = gru_logits(bigru, features, tile=24, workers=2)
+    assert torch.allclose(whole, reference, atol=1e-5)
+    assert torch.allclose(tiled, whole, atol=1e-6)
+    assert torch.get_num_threads() == 1          # the worker threads restored the setting
+
+
+def test_two_workers_match_released(model, cases):
+    # One thread per slice in the feature extractor and per GRU tile (128 px: 2 tiles here).
+    x = torch.from_numpy(cases["moto_n8_128x160__x"])
+    _, depth, index = fast_forward(model, x, workers=2)
+    assert np.abs(depth.numpy() - cases["moto_n8_128x160__depth"]).max() <= 1e-5
+    assert (index.numpy() == cases["moto_n8_128x160__index"]).mean() >= 0.999
+    assert torch.get_num_threads() == 1
