@@ -79,17 +79,11 @@ def read_outputs(dataset_dir: Path, scene: str) -> dict:
 
 
 def assert_same_outputs(got: dict, want: dict):
-    """A batched run against a single-stack run. A batched convolution may sum in
-    another order, so the float depth differs by ~1e-5: the index (and so the
-    fused pictures) may flip where depth sits on a rounding boundary (1 pixel in
-    5.4 million over the 20 Lytro pairs, none in the synthetic stacks), and the
-    8-bit depth pictures move by one step at a few pixels."""
-    for stem in ("fused_gray", "color_fused", "depth_index", "depth_index_vis"):
-        differ = np.any(got[stem] != want[stem], axis=-1) if got[stem].ndim == 3 else got[stem] != want[stem]
-        assert differ.sum() <= differ.size // 10_000, f"{stem}: {differ.sum()} of {differ.size} pixels differ"
-    for stem, step in (("depth_map", 1), ("depth_colormap", 4)):  # the rainbow moves <= 4 per entry
-        diff = np.abs(got[stem].astype(int) - want[stem].astype(int))
-        assert (diff > step).mean() <= 1e-4 and (diff > 0).mean() < 0.01, stem
+    """A batched run against a single-stack run: identical, since the default
+    fast path (fast_inference.fast_forward) runs every stack of a batch on its
+    own and depth is normalised per stack."""
+    for stem, value in want.items():
+        np.testing.assert_array_equal(got[stem], value, err_msg=stem)
 
 
 class TestPredictDatasets:
