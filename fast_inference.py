@@ -331,7 +331,7 @@ def fast_forward(model, x: torch.Tensor, precision: str = "fp32", chunk: int = 2
 # ----------------------------------------------------------------------------- tiles
 
 GIB = 1024 ** 3
-DEFAULT_FEATURE_HALO = 96       # pixels of context around a tile for the feature extractor
+DEFAULT_FEATURE_HALO = 160      # pixels of context around a tile for the feature extractor
 _FIXED_BYTES = 600 * 1024 ** 2  # interpreter, torch, model and allocator slack (measured ~450 MB)
 
 
@@ -524,7 +524,9 @@ def tiled_forward(model, stack, max_memory=None, tile=None, halo=None, stat_pass
     stack (N, H, W): uint8/uint16 numpy gray slices, or a float tensor in [0, 1].
     The network runs at (H', W'), the next multiples of 32, as released.
     ``tile`` (a multiple of 32) or ``max_memory`` (GiB) sets the tile size;
-    ``halo`` (default 96) is the feature extractor's context around each tile;
+    ``halo`` is the feature extractor's context around each tile (default 160:
+    on the leaves stack at 128-px tiles, 99.8% index agreement with the
+    whole-image result, against 98.9% with 96);
     the GRU pass adds 2N rounded up to 32 (exact for the GRU).
     ``stat_passes`` passes over the tiles gather the GroupNorm and
     channel-attention statistics (each pass makes one more layer exact).

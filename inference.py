@@ -119,10 +119,16 @@ def fuse_images(model, images, device=None, max_memory=None, precision="fp32") -
 
 
 def color_fuse(images, index: np.ndarray) -> np.ndarray:
-    """Take, at every pixel, the original (colour) slice's value named by index."""
-    stack = np.stack(images)                                       # (N, H, W[, 3])
-    idx = index.reshape((1,) + index.shape + (1,) * (stack.ndim - 3))
-    return np.take_along_axis(stack, idx, axis=0)[0]
+    """Take, at every pixel, the original (colour) slice's value named by index.
+
+    Slice by slice, so memory stays at one image more than the inputs
+    (stacking all N slices first would double it).
+    """
+    fused = images[0].copy()                                      # (H, W[, 3])
+    for k in range(1, len(images)):
+        chosen = index == k                                       # (H, W)
+        fused[chosen] = images[k][chosen]
+    return fused
 
 
 def render_outputs(result: FusionResult, images, reverse: bool = False) -> dict:

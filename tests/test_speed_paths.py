@@ -132,3 +132,19 @@ def test_two_workers_match_released(model, cases):
     assert np.abs(depth.numpy() - cases["moto_n8_128x160__depth"]).max() <= 1e-5
     assert (index.numpy() == cases["moto_n8_128x160__index"]).mean() >= 0.999
     assert torch.get_num_threads() == 1
+
+
+LEAVES = SHARED / "data" / "stacks" / "JosephLewis_leaves" / "dof_stack" / "leaves"
+
+
+@pytest.mark.skipif(not LEAVES.is_dir(), reason=f"real leaves stack not found at {LEAVES}")
+def test_default_halo_meets_the_tiled_targets_on_a_real_stack(model):
+    """Issue target: tiled against whole-image output, >= 99% index agreement and >= 45 dB."""
+    import cv2
+    from utils import read_stack, to_gray
+    images, _ = read_stack(LEAVES)
+    gray = np.stack([cv2.resize(to_gray(im), (320, 256), interpolation=cv2.INTER_AREA) for im in images])
+    whole_fused, _, whole_index = fast_forward(model, torch.from_numpy(gray).float()[None] / 255)
+    fused, _, index = tiled_forward(model, gray, tile=128)   # 2 x 3 tiles, default halo
+    assert (index == whole_index[0]).float().mean().item() >= 0.99
+    assert psnr(fused.numpy(), whole_fused[0, 0].numpy()) >= 45
