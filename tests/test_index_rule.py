@@ -32,6 +32,13 @@ def save_random_weights(path, card=None):
     return path
 
 
+@pytest.fixture
+def argmax_net():
+    """A randomly initialised network (fixed seed) that reads the index by argmax."""
+    torch.manual_seed(1)
+    return StackMFFV2(index_rule="argmax").eval()
+
+
 class TestArgmaxRule:
     def test_index_is_argmax_of_logits_and_depth_follows(self):
         logits = torch.tensor([[[[0.1, 2.0]], [[1.5, -1.0]], [[0.2, 0.3]]]])  # (1, 3, 1, 2)
@@ -39,9 +46,8 @@ class TestArgmaxRule:
         assert index.tolist() == [[[1, 0]]]
         assert torch.allclose(depth, torch.tensor([[[[0.5, 0.0]]]]))
 
-    def test_forward_gathers_the_argmax_slice(self):
-        torch.manual_seed(1)
-        net = StackMFFV2(index_rule="argmax").eval()
+    def test_forward_gathers_the_argmax_slice(self, argmax_net):
+        net = argmax_net
         x = torch.rand(1, 4, 32, 32)
         with torch.inference_mode():
             fused, depth, index = net(x)
@@ -123,10 +129,9 @@ class TestShippedWeights:
 
 
 class TestRuleOnEveryPath:
-    def test_fast_and_tiled_paths_follow_the_argmax_rule(self):
+    def test_fast_and_tiled_paths_follow_the_argmax_rule(self, argmax_net):
         from fast_inference import fast_forward, tiled_forward
-        torch.manual_seed(2)
-        net = StackMFFV2(index_rule="argmax").eval()
+        net = argmax_net
         x = torch.rand(1, 3, 64, 96)
         with torch.inference_mode():
             _, _, want = net(x)
