@@ -230,7 +230,8 @@ def _fuse_and_write(model, device, batch: List[LoadedScene], dataset_dir: Path, 
         gray = torch.cat([stack_to_tensor(s.images) for s in batch])   # (B, N, H, W)
         _synchronize(device)
         start = time.perf_counter()
-        results = fuse_gray_batch(model, gray, device, **fuse_options)
+        kept = sum(im.nbytes for scene in batch for im in scene.images)   # held for colour fusion
+        results = fuse_gray_batch(model, gray, device, reserved_bytes=kept, **fuse_options)
         _synchronize(device)
         elapsed = time.perf_counter() - start
     except Exception as exc:

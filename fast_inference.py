@@ -518,7 +518,7 @@ def plan_stats_tile(size, max_memory, fixed_bytes=0, halo=0, chunk=2):
 
 
 def tiled_forward(model, stack, max_memory=None, tile=None, halo=None, stat_passes=2,
-                  precision="fp32", chunk=2, progress=None, stats_tile=None):
+                  precision="fp32", chunk=2, progress=None, stats_tile=None, reserved_bytes=0):
     """Fuse one stack tile by tile with image-wide statistics; memory bounded by the tile.
 
     stack (N, H, W): uint8/uint16 numpy gray slices, or a float tensor in [0, 1].
@@ -532,6 +532,8 @@ def tiled_forward(model, stack, max_memory=None, tile=None, halo=None, stat_pass
     channel-attention statistics (each pass makes one more layer exact).
     ``stats_tile`` is the tile of the statistics passes (default: the largest
     that ``max_memory`` allows for one slice, or the whole image).
+    ``reserved_bytes``: memory the caller holds meanwhile (e.g. the colour
+    slices kept for the colour fused image), taken out of ``max_memory``.
     Returns (fused, depth, index) at (H', W'): float32 in [0, 1], float32
     in [0, 1], int64 in [0, N-1].
     """
@@ -540,7 +542,7 @@ def tiled_forward(model, stack, max_memory=None, tile=None, halo=None, stat_pass
     halo = DEFAULT_FEATURE_HALO if halo is None else halo
     gru_halo = next_multiple(2 * n, ALIGN)       # each GRU step sees two pixels further
     held = stack.numel() * stack.element_size() if torch.is_tensor(stack) else stack.nbytes
-    held += size[0] * size[1] * 16                               # depth, index and fused outputs
+    held += size[0] * size[1] * 16 + reserved_bytes              # outputs and the caller's share
     if tile is None:
         tile = plan_tiles(size, n, max_memory, held, halo + gru_halo, chunk) if max_memory else 512
     if stats_tile is None:

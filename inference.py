@@ -63,7 +63,8 @@ class FusionResult:
     num_slices: int
 
 
-def fuse_gray_batch(model, gray, device=None, max_memory=None, precision="fp32", fast=True):
+def fuse_gray_batch(model, gray, device=None, max_memory=None, precision="fp32", fast=True,
+                    reserved_bytes=0):
     """Fuse a batch of gray stacks of one size and length.
 
     gray (B, N, H, W) float in [0, 1], any H and W (or, with ``max_memory``,
@@ -75,13 +76,15 @@ def fuse_gray_batch(model, gray, device=None, max_memory=None, precision="fp32",
     fast: the fast path of fast_inference.py (same numbers); False runs the
     straightforward ``model.forward``. max_memory (GiB): tiled inference whose
     memory does not grow with the image (see docs/performance.md for the
-    small drift from whole-image results). precision: 'fp32', or 'fp16' /
-    'bf16' for the GRU convolutions (meant for GPUs).
+    small drift from whole-image results); reserved_bytes: what the caller
+    holds meanwhile (the colour slices), counted against max_memory.
+    precision: 'fp32', or 'fp16' / 'bf16' for the GRU convolutions (meant for GPUs).
     """
     device = device or next(model.parameters()).device
     b, n, h, w = gray.shape
     if max_memory:
-        tiled = [tiled_forward(model, stack, max_memory=max_memory, precision=precision, progress=tqdm)
+        tiled = [tiled_forward(model, stack, max_memory=max_memory, precision=precision, progress=tqdm,
+                               reserved_bytes=reserved_bytes)
                  for stack in gray]
         fused, depth, index = (torch.stack(parts)[:, None] for parts in zip(*tiled))
         index = index[:, 0]
@@ -114,7 +117,8 @@ def fuse_images(model, images, device=None, max_memory=None, precision="fp32") -
     """
     if max_memory:
         gray = np.stack([to_gray(im) for im in images])           # (N, H, W) uint8/uint16
-        return fuse_gray_batch(model, gray[None], device, max_memory, precision)[0]
+        kept = sum(im.nbytes for im in images)                    # the slices stay for colour fusion
+        return fuse_gray_batch(model, gray[None], device, max_memory, precision, reserved_bytes=kept)[0]
     return fuse_gray_batch(model, stack_to_tensor(images), device, precision=precision)[0]
 
 

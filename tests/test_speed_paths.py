@@ -148,3 +148,12 @@ def test_default_halo_meets_the_tiled_targets_on_a_real_stack(model):
     fused, _, index = tiled_forward(model, gray, tile=128)   # 2 x 3 tiles, default halo
     assert (index == whole_index[0]).float().mean().item() >= 0.99
     assert psnr(fused.numpy(), whole_fused[0, 0].numpy()) >= 45
+
+
+def test_memory_the_caller_holds_counts_against_the_bound(model):
+    from fast_inference import GIB
+    from utils import InputError
+    stack = np.zeros((4, 64, 64), np.uint8)
+    tiled_forward(model, stack, max_memory=2.0)                       # fits
+    with pytest.raises(InputError):
+        tiled_forward(model, stack, max_memory=2.0, reserved_bytes=2 * GIB)
