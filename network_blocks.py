@@ -5,7 +5,6 @@ Parameter names follow the authors' released checkpoint (see
 """
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 
 class InceptionDWConv(nn.Module):

@@ -18,9 +18,7 @@ resume); train.py is the general trainer (real data, validation, resume,
 DDP) and lends its released initialisation here.
 """
 import argparse
-import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -31,8 +29,8 @@ from tqdm import tqdm
 
 from make_datasets.make_synthetic import depth_map_to_index
 from model import StackMFFV2, depth_map_creation, write_model_card
-from train import git_commit, init_weights
-from utils import InputError, read_image, read_stack, run_cli, to_gray_float
+from train import git_commit, init_weights, save_checkpoint
+from utils import InputError, ensure_output_dir, read_image, read_stack, run_cli, to_gray_float
 
 
 def get_args_parser():
@@ -114,10 +112,8 @@ def focus_loss(logits, index, ce_weight, mse_weight):
 def save_weights(model, path, card):
     """Bare state dict (atomic) and the model card beside it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.part")
-    torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, tmp)
-    os.replace(tmp, path)
+    ensure_output_dir(path.parent)
+    save_checkpoint(path, {k: v.detach().clone() for k, v in model.state_dict().items()})
     write_model_card(path, card)
 
 

@@ -30,7 +30,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-from scipy import ndimage
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,6 +37,8 @@ sys.path.insert(0, str(REPO))
 
 from inference import DEFAULT_MODEL, fuse_gray_batch  # noqa: E402
 from make_datasets import synthesis  # noqa: E402
+from make_datasets.common import fill_invalid  # noqa: E402
+from make_datasets.make_synthetic import stretch_to_8bit  # noqa: E402
 from model import load_model  # noqa: E402
 from utils import (InputError, ensure_output_dir, natural_sort_key, read_stack, run_cli,  # noqa: E402
                    stack_to_tensor, to_gray_float, write_image)
@@ -76,10 +77,7 @@ def motorcycle_image_and_depth():
     """Left motorcycle view (HxWx3 uint8 BGR) and its depth (HxW float, larger = farther)."""
     import skimage.data
     left, _, disparity = skimage.data.stereo_motorcycle()
-    invalid = ~np.isfinite(disparity)
-    # Nearest valid pixel for each hole (indices of the closest zero of ``invalid``).
-    nearest = ndimage.distance_transform_edt(invalid, return_distances=False, return_indices=True)
-    disparity = disparity[tuple(nearest)]
+    disparity = fill_invalid(disparity, np.isfinite(disparity))   # holes take the nearest valid value
     return cv2.cvtColor(left, cv2.COLOR_RGB2BGR), -disparity.astype(np.float64)
 
 
@@ -90,11 +88,6 @@ def crop_boxes(shape, crop, count):
     ys = np.linspace(0, h - ch, count).round().astype(int)
     xs = np.linspace(0, w - cw, count).round().astype(int)[::-1] if count > 1 else [0]
     return [(int(y), int(x)) for y, x in zip(ys, xs)]
-
-
-def to_depth8(depth: np.ndarray) -> np.ndarray:
-    lo, hi = depth.min(), depth.max()
-    return np.round((depth - lo) / max(hi - lo, 1e-9) * 255).astype(np.uint8)
 
 
 def ground_truth_sets(blurs, slice_counts, crop, num_crops):
@@ -109,7 +102,7 @@ def ground_truth_sets(blurs, slice_counts, crop, num_crops):
             cases = []
             for y, x in crop_boxes(depth.shape, crop, num_crops):
                 aif = image[y:y + crop[0], x:x + crop[1]]
-                d8 = to_depth8(depth[y:y + crop[0], x:x + crop[1]])
+                d8 = stretch_to_8bit(depth[y:y + crop[0], x:x + crop[1]])
                 if blur == "physical":
                     slices, index = synthesis.physical_stack(aif, d8, n, max_sigma=4.0)
                 else:
