@@ -16,17 +16,37 @@ and a resumed run sees exactly the batches an uninterrupted one would.
 """
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler
 
 from utils import InputError, is_image_file, list_images, natural_sort_key, read_image, read_stack, to_gray_float
 
 STACK_FOLDER = "image_stacks"
 DEPTH_FOLDER = "depth_maps"
+
+
+class Augment(NamedTuple):
+    """One training item with its random changes (GroupedBatchSampler draws them).
+
+    top/left in [0, 1) place the crop window; zoom >= 1 takes a window that
+    much smaller and enlarges it to the crop size (a closer view: coarser
+    detail, larger blur); contrast in (0, 1] scales the stack about its mean
+    (weaker texture, the same focus order).
+    """
+    index: int
+    hflip: bool = False
+    vflip: bool = False
+    transpose: bool = False
+    top: float = 0.5
+    left: float = 0.5
+    zoom: float = 1.0
+    contrast: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -100,19 +120,23 @@ class FocusStackDataset(Dataset):
 
     sources: list of (stack_root, depth_root) pairs (the released
     ``--train_stack`` / ``--train_depth_continuous`` folders).
-    Item ``k`` (or ``(k, hflip, vflip)``, as GroupedBatchSampler yields) is
-    (stack (N, S, S) float32 in [0, 1], depth (1, S, S) float32 in [0, 1]),
-    with the flips applied to every slice and the depth map alike.
+    Item ``k`` (or ``(k, hflip, vflip)`` or an ``Augment``, as
+    GroupedBatchSampler yields) is (stack (N, S, S) float32 in [0, 1], depth
+    (1, S, S) float32 in [0, 1]), with the same changes applied to every
+    slice and the depth map. With ``crop`` > 0 items are cut to crop x crop
+    (at the centre unless an Augment places the window).
     ``subset_fraction`` keeps a random part of each source, chosen from ``seed``.
     ``cache`` keeps the resized images in memory (per loader worker), which
     pays off from the second epoch when decoding dominates (small sizes, CPU).
     """
 
     def __init__(self, sources, image_size: int, subset_fraction: float = 1.0, seed: int = 0,
-                 cache: bool = False):
+                 cache: bool = False, crop: int = 0):
         if not 0 < subset_fraction <= 1:
             raise InputError(f"subset fraction must be in (0, 1], got {subset_fraction}")
-        self.image_size = int(image_size)
+        if not 0 <= crop <= image_size:
+            raise InputError(f"crop size must be between 0 and the image size {image_size}, got {crop}")
+        self.image_size, self.crop = int(image_size), int(crop)
         self.scenes = []
         for k, (stack_root, depth_root) in enumerate(sources):
             scenes = find_scenes(stack_root, depth_root)
@@ -152,13 +176,28 @@ class FocusStackDataset(Dataset):
         return stack, depth
 
     def __getitem__(self, key):
-        index, hflip, vflip = (key, False, False) if isinstance(key, (int, np.integer)) else key
-        stack, depth = self._load(int(index))
+        key = Augment(int(key)) if isinstance(key, (int, np.integer)) else Augment(*key)
+        stack, depth = self._load(key.index)
         stack = torch.from_numpy(stack)                 # (N, S, S)
         depth = torch.from_numpy(depth)[None]           # (1, S, S)
-        dims = ([2] if hflip else []) + ([1] if vflip else [])
+        out = self.crop or self.image_size
+        window = max(2, min(self.image_size, round(out / key.zoom)))
+        if window < self.image_size:
+            room = self.image_size - window + 1
+            y, x = min(int(key.top * room), room - 1), min(int(key.left * room), room - 1)
+            stack, depth = (t[:, y:y + window, x:x + window] for t in (stack, depth))
+        if window != out:
+            # Depth by nearest neighbour: blending across a depth edge would invent depths.
+            stack = F.interpolate(stack[None], size=(out, out), mode="bilinear", align_corners=False)[0]
+            depth = F.interpolate(depth[None], size=(out, out), mode="nearest")[0]
+        dims = ([2] if key.hflip else []) + ([1] if key.vflip else [])
         if dims:
             stack, depth = stack.flip(dims), depth.flip(dims)
+        if key.transpose:
+            stack, depth = stack.transpose(1, 2), depth.transpose(1, 2)
+        if key.contrast != 1.0:
+            mean = stack.mean()
+            stack = (stack - mean) * key.contrast + mean
         return stack.contiguous(), depth.contiguous()
 
 
@@ -170,7 +209,13 @@ class GroupedBatchSampler(Sampler):
     batches of ``batch_size`` (the last of a length may be smaller unless
     ``drop_last``), and the batches of all lengths are shuffled together.
     With ``augment`` every item comes as (index, hflip, vflip) with the flips
-    drawn from the same generator.
+    drawn from the same generator. ``rotate`` (a random transpose, which
+    with the flips gives all 8 rotations and mirrors), ``crop`` (a random
+    window), ``zoom`` (half of the items enlarged by a factor drawn
+    uniformly from [1, zoom]) and ``contrast`` (half of the items with their
+    contrast scaled by a factor drawn log-uniformly from [contrast, 1]) make
+    it an ``Augment``, drawn from a second generator so that the flips stay
+    those of the released stream.
 
     Sharding (DDP): rank r takes batches r, r + R, r + 2R, ... With
     ``pad=True`` (training) the batch list is first repeated up to a multiple
@@ -180,19 +225,23 @@ class GroupedBatchSampler(Sampler):
 
     def __init__(self, num_slices, batch_size: int, shuffle: bool = True, augment: bool = False,
                  seed: int = 0, num_replicas: int = 1, rank: int = 0, drop_last: bool = False,
-                 pad: bool = True):
+                 pad: bool = True, rotate: bool = False, crop: bool = False, zoom: float = 1.0,
+                 contrast: float = 1.0):
         if batch_size < 1:
             raise InputError(f"batch size must be at least 1, got {batch_size}")
+        if zoom < 1 or not 0 < contrast <= 1:
+            raise InputError(f"zoom must be >= 1 and contrast in (0, 1], got {zoom} and {contrast}")
         self.num_slices = list(num_slices)
         self.batch_size, self.shuffle, self.augment = batch_size, shuffle, augment
         self.seed, self.num_replicas, self.rank = seed, num_replicas, rank
         self.drop_last, self.pad = drop_last, pad
+        self.rotate, self.crop, self.zoom, self.contrast = rotate, crop, zoom, contrast
         self.epoch = 0
 
     def set_epoch(self, epoch: int):
         self.epoch = epoch
 
-    def _all_batches(self, rng):
+    def _all_batches(self, rng, extra_rng):
         groups = {}
         for index, n in enumerate(self.num_slices):
             groups.setdefault(n, []).append(index)
@@ -210,7 +259,17 @@ class GroupedBatchSampler(Sampler):
         if self.augment:
             batches = [[(i, bool(h), bool(v)) for i, (h, v) in zip(b, rng.random((len(b), 2)) < 0.5)]
                        for b in batches]
+            if self.rotate or self.crop or self.zoom > 1 or self.contrast < 1:
+                batches = [[self._augment(key, draw) for key, draw in zip(b, extra_rng.random((len(b), 7)))]
+                           for b in batches]
         return batches
+
+    def _augment(self, key, draw) -> Augment:
+        turn, top, left, zoom_on, zoom_u, contrast_on, contrast_u = draw
+        zoom = 1 + zoom_u * (self.zoom - 1) if zoom_on < 0.5 else 1.0
+        contrast = float(np.exp(contrast_u * np.log(self.contrast))) if contrast_on < 0.5 else 1.0
+        return Augment(key[0], key[1], key[2], bool(self.rotate and turn < 0.5), float(top), float(left),
+                       float(zoom), contrast)
 
     def _shard(self, batches):
         if self.pad and batches and len(batches) % self.num_replicas:
@@ -220,7 +279,8 @@ class GroupedBatchSampler(Sampler):
 
     def __iter__(self):
         rng = np.random.default_rng([self.seed, self.epoch])
-        return iter(self._shard(self._all_batches(rng)))
+        extra_rng = np.random.default_rng([self.seed, self.epoch, 1])
+        return iter(self._shard(self._all_batches(rng, extra_rng)))
 
     def __len__(self):
-        return len(self._shard(self._all_batches(np.random.default_rng(0))))
+        return len(self._shard(self._all_batches(np.random.default_rng(0), np.random.default_rng(1))))

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model import depth_to_index, expected_slice_number, gather_slices
+from model import depth_to_index, expected_slice_number, gather_slices, multi_view_logits
 from utils import InputError, next_multiple
 
 FEATURE_CHANNELS = 8
@@ -322,7 +322,8 @@ def fast_forward(model, x: torch.Tensor, precision: str = "fp32", chunk: int = 2
     if x.device.type == "cpu":
         reuse_freed_memory()
     with torch.inference_mode():
-        logits = fast_focus_logits(model, x, precision, chunk, workers)
+        logits = multi_view_logits(partial(fast_focus_logits, model, precision=precision, chunk=chunk,
+                                           workers=workers), x, model.views)
         index, depth = model.index_and_depth(logits)                      # (B, H, W), (B, 1, H, W)
         fused = gather_slices(x, index)                                    # (B, 1, H, W)
     return fused, depth, index

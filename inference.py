@@ -12,7 +12,7 @@ import torch
 from tqdm import tqdm
 
 from fast_inference import PRECISIONS, fast_forward, tiled_forward
-from model import INDEX_RULES
+from model import INDEX_RULES, TEST_VIEWS
 from utils import (depth_colormap, dtype_max, index_picture, resize_back, resize_to_multiple,
                    stack_to_tensor, to_gray, to_uint8, write_image, write_npy)
 
@@ -29,6 +29,10 @@ def add_model_arguments(group):
     group.add_argument("--index_rule", type=str, default=None, choices=INDEX_RULES,
                        help="how the slice index is read from the focus logits (default: the rule in the "
                             "checkpoint's model card, else the released minmax_round)")
+    group.add_argument("--views", type=int, default=None, choices=TEST_VIEWS,
+                       help="test-time views whose focus logits are averaged: 1 the stack as given, 2 also "
+                            "mirrored, 4 also flipped up-down, 8 also transposed; costs that many passes "
+                            "(default: the model card's, else 1 as released; --max_memory tiles run 1)")
     group.add_argument("--device", type=str, default=None,
                        help="cpu, cuda, cuda:1, mps (default: best available; under torchrun cuda:<LOCAL_RANK>)")
     group.add_argument("--max_memory", type=float, default=None,

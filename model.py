@@ -135,19 +135,55 @@ def argmax_index_and_depth(logits: torch.Tensor):
     return index, depth
 
 
+# Test-time views: the focus logits of the stack as given (1), also mirrored
+# left-right (2), also up-down and both (4), and the same four transposed (8),
+# each mapped back and averaged. The network is not equivariant to these
+# mirrors, so the views disagree where it is unsure; their mean is steadier.
+TEST_VIEWS = (1, 2, 4, 8)
+
+
+def _view(t: torch.Tensor, k: int) -> torch.Tensor:
+    """View k of TEST_VIEWS' order on the last two axes: bit 0 mirror left-right, bit 1 up-down, bit 2 transpose."""
+    dims = ([-1] if k & 1 else []) + ([-2] if k & 2 else [])
+    t = t.flip(dims) if dims else t
+    return t.transpose(-1, -2) if k & 4 else t
+
+
+def _unview(t: torch.Tensor, k: int) -> torch.Tensor:
+    t = t.transpose(-1, -2) if k & 4 else t
+    dims = ([-1] if k & 1 else []) + ([-2] if k & 2 else [])
+    return t.flip(dims) if dims else t
+
+
+def multi_view_logits(logits_fn, x: torch.Tensor, views: int = 1) -> torch.Tensor:
+    """Mean focus logits of ``views`` mirrored/transposed copies of x (B, N, H, W), each mapped back.
+
+    ``logits_fn`` maps (B, N, H', W') -> (B, N, H', W'); views 1 is one plain call."""
+    if views not in TEST_VIEWS:
+        raise ValueError(f"views must be one of {TEST_VIEWS}, got {views!r}")
+    total = logits_fn(x)
+    for k in range(1, views):
+        total = total + _unview(logits_fn(_view(x, k).contiguous()), k)
+    return total / views if views > 1 else total
+
+
 class StackMFFV2(nn.Module):
     """The whole network.
 
     forward(x): x (B, N, H, W) gray stack in [0, 1], H and W multiples of 32.
     Returns (fused (B, 1, H, W) in [0, 1], depth (B, 1, H, W) in [0, 1],
-    index (B, H, W) int64 in [0, N-1]). ``index_rule`` is one of INDEX_RULES.
+    index (B, H, W) int64 in [0, N-1]). ``index_rule`` is one of INDEX_RULES;
+    ``views`` one of TEST_VIEWS (1, the released single pass, unless the
+    model card asks for more).
     """
 
-    def __init__(self, index_rule: str = "minmax_round"):
+    def __init__(self, index_rule: str = "minmax_round", views: int = 1):
         super().__init__()
         if index_rule not in INDEX_RULES:
             raise ValueError(f"index_rule must be one of {INDEX_RULES}, got {index_rule!r}")
-        self.index_rule = index_rule
+        if views not in TEST_VIEWS:
+            raise ValueError(f"views must be one of {TEST_VIEWS}, got {views!r}")
+        self.index_rule, self.views = index_rule, views
         self.feature_extraction = FeatureExtraction()
         self.layer_interaction = LayerInteraction()
 
@@ -158,7 +194,8 @@ class StackMFFV2(nn.Module):
         return self.layer_interaction(features.reshape(b, n, -1, h, w))
 
     def forward(self, x: torch.Tensor):
-        index, depth = self.index_and_depth(self.focus_logits(x))  # (B, H, W), (B, 1, H, W)
+        logits = multi_view_logits(self.focus_logits, x, self.views)  # (B, N, H, W)
+        index, depth = self.index_and_depth(logits)                  # (B, H, W), (B, 1, H, W)
         fused = gather_slices(x, index)                              # (B, 1, H, W)
         return fused, depth, index
 
@@ -226,31 +263,37 @@ def write_model_card(path, card: dict):
     write_text(model_card_path(path), json.dumps(card, indent=2, sort_keys=True) + "\n")
 
 
-def read_index_rule(path) -> str:
-    """The index rule recorded beside a checkpoint, else the released "minmax_round"."""
+def read_inference_settings(path):
+    """(index_rule, views) recorded in the model card beside a checkpoint, else the released
+    ("minmax_round", 1)."""
     card_path = model_card_path(path)
     if not os.path.isfile(card_path):
-        return "minmax_round"
+        return "minmax_round", 1
     try:
         with open(card_path, encoding="utf-8") as f:
-            rule = json.load(f).get("index_rule", "minmax_round")
+            card = json.load(f)
+        rule, views = card.get("index_rule", "minmax_round"), card.get("views", 1)
     except (OSError, ValueError, AttributeError) as exc:
         raise CheckpointError(f"model card {card_path!r} is not readable JSON ({type(exc).__name__})") from None
     if rule not in INDEX_RULES:
         raise CheckpointError(f"model card {card_path!r} names an unknown index_rule {rule!r}")
-    return rule
+    if views not in TEST_VIEWS:
+        raise CheckpointError(f"model card {card_path!r} asks for {views!r} views; one of {TEST_VIEWS} is needed")
+    return rule, views
 
 
-def load_model(path, device="cpu", index_rule=None) -> StackMFFV2:
+def load_model(path, device="cpu", index_rule=None, views=None) -> StackMFFV2:
     """Build StackMFFV2 from a checkpoint: load on CPU, strict, then move and eval().
 
-    ``index_rule`` None takes the rule recorded in the JSON model card beside
-    the checkpoint (``model_card_path``), else the released "minmax_round".
+    ``index_rule`` and ``views`` None take what the JSON model card beside
+    the checkpoint (``model_card_path``) records, else the released
+    "minmax_round" and 1 view.
     Raises CheckpointError with one sentence naming the file when it is
     missing, not a checkpoint, or the weights of another architecture.
     """
     state_dict = read_state_dict(path)
-    model = StackMFFV2(index_rule or read_index_rule(path))
+    card_rule, card_views = read_inference_settings(path)
+    model = StackMFFV2(index_rule or card_rule, views or card_views)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))

@@ -31,13 +31,15 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dataset import FocusStackDataset, GroupedBatchSampler, dataset_name
-from model import StackMFFV2, depth_map_creation, load_model
+from model import TEST_VIEWS, StackMFFV2, depth_map_creation, load_model, model_card_path, write_model_card
 from network_blocks import ConvGRUCell
 from utils import (InputError, depth_colormap, ensure_output_dir, run_cli, write_bytes, write_text,
                    select_device, write_image)
 
 RELEASED_SLOTS = 5          # --train_stack, --train_stack_2 ... --train_stack_5
 LOSSES = ("mse", "mse+ce")
+LR_SCHEDULES = ("exponential", "cosine")
+COSINE_FLOOR = 0.05         # the cosine schedule ends at this fraction of --lr
 TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes", "y", "on"), ("false", "0", "no", "n", "off")
 
 
@@ -95,17 +97,41 @@ def get_args_parser():
     data.add_argument("--num_workers", type=int, default=2, help="data loader processes (0: load in the main one)")
     data.add_argument("--cache_images", action="store_true",
                       help="keep resized images in memory after the first epoch (each worker holds its own copy)")
+    data.add_argument("--crop", type=int, default=0,
+                      help="train on random crop x crop windows of the resized stacks (0: whole; validation "
+                           "always sees whole stacks)")
+    data.add_argument("--rotate", action="store_true",
+                      help="besides the released random flips, random transposes (all 8 rotations and mirrors)")
+    data.add_argument("--zoom", type=float, default=1.0,
+                      help="enlarge half of the training windows by a factor drawn from [1, zoom] "
+                           "(coarser detail and larger blur than the data has; 1: off)")
+    data.add_argument("--contrast", type=float, default=1.0,
+                      help="scale the contrast of half of the training stacks by a factor drawn log-uniformly "
+                           "from [contrast, 1] (weak texture; 1: off)")
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--batch_size", type=int, default=12, help="stacks per batch and per process")
     optim.add_argument("--num_epochs", type=int, default=50)
     optim.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
-    optim.add_argument("--lr_decay", type=float, default=0.9, help="learning rate factor after every epoch")
+    optim.add_argument("--lr_decay", type=float, default=0.9,
+                       help="learning rate factor after every epoch (--lr_schedule exponential)")
+    optim.add_argument("--lr_schedule", choices=LR_SCHEDULES, default="exponential",
+                       help="exponential: released, x lr_decay per epoch; cosine: per step from lr down to "
+                            f"{COSINE_FLOOR:g} x lr over the run (all epochs, or --max_minutes if that ends sooner)")
+    optim.add_argument("--max_minutes", type=float, default=0,
+                       help="wall-time budget of the run: it stops, validates and saves once it is spent "
+                            "(0: none)")
     optim.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay (PyTorch default)")
     optim.add_argument("--loss", choices=LOSSES, default="mse",
                        help="mse: released (normalised depth vs depth/255); mse+ce: plus a cross-entropy of "
                             "the focus logits against the ground-truth slice index")
     optim.add_argument("--ce_weight", type=float, default=0.1, help="weight of the cross-entropy term (mse+ce)")
+    optim.add_argument("--fusion_weight", type=float, default=0.0,
+                       help="weight of an L1 term between the softmax-weighted fused image and the all-in-focus "
+                            "image (the slice picked by the ground truth at every pixel); 0: off")
+    optim.add_argument("--distance_weight", type=float, default=0.0,
+                       help="weight of the expected distance, in slices, between the softmax over slices and the "
+                            "ground-truth slice (a far miss costs more than a near one); 0: off")
     optim.add_argument("--max_steps_per_epoch", type=int, default=None, help="cut every epoch after this many steps")
     optim.add_argument("--max_val_batches", type=int, default=None, help="validate on this many batches per set")
     optim.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
@@ -122,6 +148,11 @@ def get_args_parser():
     run.add_argument("--eval_interval", type=int, default=1, help="validate every this many epochs (and at the end)")
     run.add_argument("--keep_epoch_checkpoints", action=argparse.BooleanOptionalAction, default=True,
                      help="keep epoch_XXX.pth for every epoch besides last.pth and best.pth")
+    run.add_argument("--export", type=str, default=None,
+                     help="at the end, also write the final weights as a bare state dict with a model card "
+                          "(the index rule the loss trained: argmax for mse+ce) for the predict scripts")
+    run.add_argument("--export_views", type=int, default=1, choices=TEST_VIEWS,
+                     help="test-time views the exported model card asks the predict scripts for")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--device", type=str, default=None, help="cpu, cuda, cuda:1, mps (default: best available)")
     run.add_argument("--num_threads", type=int, default=None, help="CPU threads for PyTorch (default: its own)")
@@ -193,15 +224,40 @@ class LogitsAndDepth(nn.Module):
         return logits, depth_map_creation(logits)
 
 
-def depth_loss(logits, depth, target, loss: str = "mse", ce_weight: float = 0.1) -> torch.Tensor:
+def target_slice_index(target: torch.Tensor, n: int) -> torch.Tensor:
+    """Ground-truth depth (B, 1, H, W) in [0, 1] -> in-focus slice index floor(target * N), (B, H, W) int64
+    (the bins of make_datasets.synthesis)."""
+    return (target[:, 0] * n).floor().clamp(0, n - 1).long()
+
+
+def depth_loss(logits, depth, target, loss: str = "mse", ce_weight: float = 0.1, stack=None,
+               fusion_weight: float = 0.0, distance_weight: float = 0.0) -> torch.Tensor:
     """Released MSE of depth (B, 1, H, W) vs target (B, 1, H, W) in [0, 1], plus for
     ``mse+ce`` a cross-entropy of logits (B, N, H, W) against the ground-truth
-    slice index floor(target * N) (the bins of make_datasets.synthesis)."""
+    slice index, plus with ``fusion_weight`` an L1 between the softmax-weighted
+    fusion of ``stack`` (B, N, H, W) and its all-in-focus image, plus with
+    ``distance_weight`` the expected distance in slices between the softmax's
+    slice and the true one.
+
+    The fusion term weighs each pixel by how much a wrong slice would change
+    the fused image, which is what the fused image's PSNR measures: in flat
+    regions every slice is right, at edges only the sharp one is. The
+    distance term makes a far miss cost more than a near one (cross-entropy
+    charges both alike), and a far miss is what shows in the fused image."""
     value = F.mse_loss(depth.float(), target)
+    n = logits.shape[1]
+    if loss == "mse+ce" or fusion_weight or distance_weight:
+        slice_index = target_slice_index(target, n)                       # (B, H, W)
     if loss == "mse+ce":
-        n = logits.shape[1]
-        slice_index = (target[:, 0] * n).floor().clamp(0, n - 1).long()   # (B, H, W)
         value = value + ce_weight * F.cross_entropy(logits.float(), slice_index)
+    if fusion_weight:
+        fused = (torch.softmax(logits.float(), dim=1) * stack).sum(dim=1)        # (B, H, W)
+        all_in_focus = stack.gather(1, slice_index[:, None])[:, 0]             # (B, H, W)
+        value = value + fusion_weight * (fused - all_in_focus).abs().mean()
+    if distance_weight:
+        slices = torch.arange(n, dtype=torch.float32, device=logits.device).view(1, n, 1, 1)
+        distance = (slices - slice_index[:, None].float()).abs()                 # (B, N, H, W)
+        value = value + distance_weight * (torch.softmax(logits.float(), dim=1) * distance).sum(dim=1).mean()
     return value
 
 
@@ -312,24 +368,71 @@ def read_checkpoint(path) -> dict:
 
 # ----------------------------------------------------------------------------- one epoch
 
-def train_one_epoch(net, loader, optimizer, scaler, runtime: Runtime, epoch: int, args, writer=None) -> float:
-    """One pass over the loader; returns the mean loss over processes and steps.
+class RunClock:
+    """Wall time of the run (carried over a resume) and the cosine learning rate at any step.
 
-    A non-finite loss stops the run (InputError with the epoch and step).
+    The cosine schedule follows whichever is further along, steps or the
+    --max_minutes budget, so a run cut by its budget still ends at the low rate.
+    """
+
+    def __init__(self, args, steps_per_epoch: int, seconds_done: float = 0.0):
+        self.lr, self.schedule = args.lr, args.lr_schedule
+        self.total_steps = max(1, args.num_epochs * steps_per_epoch)
+        self.budget = args.max_minutes * 60
+        self.start = time.perf_counter() - seconds_done
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start
+
+    def out_of_time(self) -> bool:
+        return bool(self.budget) and self.seconds >= self.budget
+
+    def progress(self, global_step: int) -> float:
+        done = global_step / self.total_steps
+        return min(1.0, max(done, self.seconds / self.budget) if self.budget else done)
+
+    def cosine_lr(self, global_step: int) -> float:
+        shape = 0.5 * (1 + math.cos(math.pi * self.progress(global_step)))
+        return self.lr * (COSINE_FLOOR + (1 - COSINE_FLOOR) * shape)
+
+
+def steps_per_epoch(loader, args) -> int:
+    return len(loader) if args.max_steps_per_epoch is None else min(len(loader), args.max_steps_per_epoch)
+
+
+def train_one_epoch(net, loader, optimizer, scaler, runtime: Runtime, epoch: int, args, writer=None,
+                    clock: RunClock = None):
+    """One pass over the loader -> (mean loss over processes and steps, whether the time budget ran out).
+
+    With the cosine schedule the learning rate is set before every step. A
+    non-finite loss stops the run (InputError with the epoch and step).
     """
     net.train()
     device, use_amp = runtime.device, args.amp and runtime.device.type == "cuda"
-    steps = len(loader) if args.max_steps_per_epoch is None else min(len(loader), args.max_steps_per_epoch)
-    total, count = 0.0, 0
+    steps = steps_per_epoch(loader, args)
+    total, count, out_of_time = 0.0, 0, False
     bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{args.num_epochs}", disable=not runtime.main, leave=False)
     for step, (stack, target) in enumerate(loader):
         if step >= steps:
             break
+        if clock is not None:
+            out_of_time = clock.out_of_time()
+            if runtime.distributed:  # every process must stop at the same step
+                flag = torch.tensor([float(out_of_time)], device=device)
+                dist.all_reduce(flag)
+                out_of_time = flag.item() > 0
+            if out_of_time:
+                break
+            if args.lr_schedule == "cosine":
+                for group in optimizer.param_groups:
+                    group["lr"] = clock.cosine_lr(epoch * steps + step)
         stack = stack.to(device, non_blocking=True)    # (B, N, S, S)
         target = target.to(device, non_blocking=True)  # (B, 1, S, S)
         with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
             logits, depth = net(stack)
-        loss = depth_loss(logits, depth, target, args.loss, args.ce_weight)
+        loss = depth_loss(logits, depth, target, args.loss, args.ce_weight, stack, args.fusion_weight,
+                          args.distance_weight)
         value = loss.detach().float()
         if runtime.distributed:  # every process must take the same decision below
             dist.all_reduce(value)
@@ -349,7 +452,7 @@ def train_one_epoch(net, loader, optimizer, scaler, runtime: Runtime, epoch: int
         bar.set_postfix(loss=f"{value:.4f}")
         bar.update()
     bar.close()
-    return total / max(count, 1)
+    return total / max(count, 1), out_of_time
 
 
 @torch.no_grad()
@@ -459,9 +562,11 @@ def run_training(args, runtime: Runtime) -> dict:
         raise InputError("no training data: give --train_dataset STACK_DIR DEPTH_DIR "
                          "(or the released --train_stack / --train_depth_continuous)")
     size, world, rank = args.training_image_size, runtime.world_size, runtime.rank
-    train_set = FocusStackDataset(train_sources, size, args.subset_fraction_train, args.seed, args.cache_images)
+    train_set = FocusStackDataset(train_sources, size, args.subset_fraction_train, args.seed, args.cache_images,
+                                  crop=args.crop)
     train_sampler = GroupedBatchSampler(train_set.num_slices, args.batch_size, shuffle=True, augment=True,
-                                        seed=args.seed, num_replicas=world, rank=rank)
+                                        seed=args.seed, num_replicas=world, rank=rank, rotate=args.rotate,
+                                        crop=args.crop > 0, zoom=args.zoom, contrast=args.contrast)
     train_loader = make_loader(train_set, train_sampler, args.num_workers, runtime.device)
     val_names = unique_names(val_sources)
     val_loaders = {}
@@ -480,7 +585,7 @@ def run_training(args, runtime: Runtime) -> dict:
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=args.lr_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=args.amp and runtime.device.type == "cuda")
 
-    start_epoch, best = 0, math.inf
+    start_epoch, best, seconds_done = 0, math.inf, 0.0
     if args.resume:
         state = read_checkpoint(args.resume)
         model.load_state_dict(load_model(args.resume).state_dict())
@@ -489,6 +594,7 @@ def run_training(args, runtime: Runtime) -> dict:
         if "scaler" in state and scaler.is_enabled():
             scaler.load_state_dict(state["scaler"])
         start_epoch, best = int(state["epoch"]), float(state.get("best_metric", math.inf))
+        seconds_done = float(state.get("train_seconds", 0.0))
         rng = state.get("rng")
         if isinstance(rng, list) and len(rng) == world:
             set_rng_state(rng[rank])
@@ -510,19 +616,21 @@ def run_training(args, runtime: Runtime) -> dict:
               f"{len(val_loaders)} validation set(s); run folder {run_dir}"
               + (f"; resuming after epoch {start_epoch}" if args.resume else ""))
 
-    history = []
+    history, clock = [], RunClock(args, steps_per_epoch(train_loader, args), seconds_done)
     try:
         for epoch in range(start_epoch, args.num_epochs):
             train_sampler.set_epoch(epoch)
-            lr = optimizer.param_groups[0]["lr"]
             start = time.perf_counter()
-            train_loss = train_one_epoch(train_model, train_loader, optimizer, scaler, runtime, epoch, args,
-                                         log.writer if log else None)
+            train_loss, out_of_time = train_one_epoch(train_model, train_loader, optimizer, scaler, runtime, epoch,
+                                                      args, log.writer if log else None, clock)
+            lr = optimizer.param_groups[0]["lr"]
             seconds = time.perf_counter() - start
-            scheduler.step()
+            if args.lr_schedule == "exponential":
+                scheduler.step()
             done = epoch + 1
+            last = done == args.num_epochs or out_of_time
             metrics = {}
-            if val_loaders and (done % args.eval_interval == 0 or done == args.num_epochs):
+            if val_loaders and (done % args.eval_interval == 0 or last):
                 metrics = {name: evaluate(net, loader, runtime, args) for name, loader in val_loaders.items()}
             score = float(np.mean([m[0] for m in metrics.values()])) if metrics else (
                 train_loss if not val_loaders else None)
@@ -540,7 +648,8 @@ def run_training(args, runtime: Runtime) -> dict:
                 log.add_epoch(done, train_loss, lr, metrics)
                 state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": done,
-                         "best_metric": best, "args": vars(args), "rng": states, "git_commit": commit}
+                         "best_metric": best, "args": vars(args), "rng": states, "git_commit": commit,
+                         "train_seconds": clock.seconds}
                 save_checkpoint(run_dir / "last.pth", state)
                 if args.keep_epoch_checkpoints:
                     save_checkpoint(run_dir / f"epoch_{done:03d}.pth", state)
@@ -548,11 +657,30 @@ def run_training(args, runtime: Runtime) -> dict:
                     save_checkpoint(run_dir / "best.pth", state)
                 shown = ", ".join(f"{n} mse {m[0]:.5f} mae {m[1]:.5f}" for n, m in metrics.items())
                 print(f"epoch {done}/{args.num_epochs}: train loss {train_loss:.5f}, lr {lr:.3g}, "
-                      f"{seconds:.1f} s" + (f"; {shown}" if shown else "") + (" (best)" if improved else ""))
+                      f"{seconds:.1f} s" + (f"; {shown}" if shown else "") + (" (best)" if improved else ""),
+                      flush=True)
+            if out_of_time:
+                if runtime.main:
+                    print(f"the --max_minutes budget ran out during epoch {done}; stopping")
+                break
+        if args.export and runtime.main:
+            export_weights(model, args, commit, clock.seconds, done)
     finally:
         if log:
             log.close()
     return {"run_dir": run_dir, "best_metric": best, "history": history}
+
+
+def export_weights(model: StackMFFV2, args, commit: str, seconds: float, epochs: int):
+    """The final weights as the predict scripts take them: a bare state dict and its model card."""
+    path = Path(args.export)
+    ensure_output_dir(path.parent)
+    save_checkpoint(path, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+    write_model_card(path, {"index_rule": "argmax" if args.loss == "mse+ce" else "minmax_round",
+                            "views": args.export_views,
+                            "trained_by": "train.py", "git_commit": commit, "epochs_done": epochs,
+                            "train_seconds": round(seconds), "torch": torch.__version__, "args": vars(args)})
+    print(f"exported the final weights to {path} (model card {Path(model_card_path(path)).name})")
 
 
 def worker_error_message(exc: InputError) -> str:

@@ -39,7 +39,7 @@ from inference import DEFAULT_MODEL, fuse_gray_batch  # noqa: E402
 from make_datasets import synthesis  # noqa: E402
 from make_datasets.common import fill_invalid  # noqa: E402
 from make_datasets.make_synthetic import stretch_to_8bit  # noqa: E402
-from model import load_model  # noqa: E402
+from model import INDEX_RULES, TEST_VIEWS, load_model  # noqa: E402
 from utils import (InputError, ensure_output_dir, natural_sort_key, read_stack, run_cli,  # noqa: E402
                    stack_to_tensor, to_gray_float, write_image)
 
@@ -55,6 +55,8 @@ def get_args_parser():
                         help="the authors' released weights (skipped when absent)")
     models.add_argument("--extra_rules", action="store_true",
                         help="also run each network with the other index rule")
+    models.add_argument("--extra_views", type=int, nargs="+", default=[], choices=TEST_VIEWS,
+                        help="also run each network (with its own rule) with these numbers of test-time views")
     gt = parser.add_argument_group("ground-truth sets")
     gt.add_argument("--slices", type=int, nargs="+", default=[8, 16], help="stack lengths")
     gt.add_argument("--crop", type=int, nargs=2, default=[256, 320], metavar=("H", "W"), help="crop size")
@@ -135,12 +137,13 @@ def make_fusers(args):
             print(f"{name} skipped: {path} does not exist")
             continue
         model = load_model(path, "cpu")
-        rules = [model.index_rule]
+        variants = [(model.index_rule, model.views, name)]
         if args.extra_rules:
-            rules += [r for r in ("minmax_round", "argmax") if r != model.index_rule]
-        for k, rule in enumerate(rules):
-            label = name if k == 0 else f"{name} ({rule})"
-            fusers.append((label, network_fuser(load_model(path, "cpu", index_rule=rule))))
+            variants += [(r, model.views, f"{name} ({r})") for r in INDEX_RULES if r != model.index_rule]
+        variants += [(model.index_rule, v, f"{name} ({v} view{'s' * (v > 1)})")
+                     for v in args.extra_views if v != model.views]
+        for rule, views, label in variants:
+            fusers.append((label, network_fuser(load_model(path, "cpu", index_rule=rule, views=views))))
     fusers.append(("classical", classical_fuse))
     return fusers
 

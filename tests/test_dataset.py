@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from dataset import FocusStackDataset, GroupedBatchSampler, dataset_name, find_scenes
+from dataset import Augment, FocusStackDataset, GroupedBatchSampler, dataset_name, find_scenes
 from synthetic_stacks import make_dataset
 from utils import InputError
 
@@ -92,6 +92,40 @@ class TestFocusStackDataset:
         assert torch.equal(flipped_stack, stack.flip(dims))
         assert torch.equal(flipped_depth, depth.flip(dims))
 
+    def test_crop_window_and_transpose(self, source):
+        whole = FocusStackDataset([source], 64)
+        cropped = FocusStackDataset([source], 64, crop=24)
+        stack, depth = whole[3]
+        room = 64 - 24 + 1
+        for top, left in [(0.0, 0.0), (0.5, 0.25), (0.999, 0.999)]:
+            y, x = int(top * room), int(left * room)
+            part_stack, part_depth = cropped[(3, False, False, False, top, left)]
+            assert part_stack.shape == (stack.shape[0], 24, 24)
+            assert torch.equal(part_stack, stack[:, y:y + 24, x:x + 24])
+            assert torch.equal(part_depth, depth[:, y:y + 24, x:x + 24])
+        turned_stack, turned_depth = whole[(3, True, False, True, 0.5, 0.5)]
+        assert torch.equal(turned_stack, stack.flip([-1]).transpose(1, 2))
+        assert torch.equal(turned_depth, depth.flip([-1]).transpose(1, 2))
+        assert cropped[3][0].shape[1:] == (24, 24)  # a plain index is cut at the centre
+        with pytest.raises(InputError, match="crop size"):
+            FocusStackDataset([source], 32, crop=40)
+
+    def test_zoom_enlarges_a_smaller_window_and_contrast_keeps_the_mean(self, source):
+        whole = FocusStackDataset([source], 64)
+        cropped = FocusStackDataset([source], 64, crop=32)
+        stack, depth = whole[2]
+        zoomed, zoomed_depth = cropped[Augment(2, top=0.0, left=0.0, zoom=2.0)]   # 16 x 16 window -> 32 x 32
+        expected = torch.nn.functional.interpolate(stack[None, :, :16, :16], size=(32, 32), mode="bilinear",
+                                                   align_corners=False)[0]
+        torch.testing.assert_close(zoomed, expected)
+        assert torch.equal(zoomed_depth[0, ::2, ::2], depth[0, :16, :16])          # nearest: no invented depths
+        faint, faint_depth = whole[Augment(2, contrast=0.25)]
+        torch.testing.assert_close(faint.mean(), stack.mean())
+        torch.testing.assert_close(faint - faint.mean(), (stack - stack.mean()) * 0.25)
+        assert torch.equal(faint_depth, depth)
+        with pytest.raises(InputError, match="zoom"):
+            GroupedBatchSampler([4, 4], 2, zoom=0.5)
+
     def test_subset_fraction_is_random_but_reproducible(self, source):
         half = FocusStackDataset([source], 32, subset_fraction=0.5, seed=3)
         again = FocusStackDataset([source], 32, subset_fraction=0.5, seed=3)
@@ -127,6 +161,22 @@ class TestGroupedBatchSampler:
         assert batches(0, 1) != batches(0, 2) and batches(0, 1) != batches(1, 1)
         flips = [key[1:] for b in batches(0, 1) for key in b]
         assert len(set(flips)) > 1 and all(isinstance(f, bool) for pair in flips for f in pair)
+
+    def test_rotate_and_crop_keep_the_released_flips(self):
+        def batches(**options):
+            sampler = GroupedBatchSampler(self.lengths, 3, shuffle=True, augment=True, seed=4, **options)
+            sampler.set_epoch(2)
+            return list(sampler)
+        plain, long = batches(), batches(rotate=True, crop=True)
+        assert [[k[:3] for k in b] for b in long] == plain
+        keys = [k for b in long for k in b]
+        assert all(isinstance(k, Augment) and 0 <= k.top < 1 and 0 <= k.left < 1 for k in keys)
+        assert {k.transpose for k in keys} == {True, False}
+        assert all(k.transpose is False and k.zoom == 1 and k.contrast == 1 for b in batches(crop=True) for k in b)
+        changed = [k for b in batches(zoom=2.0, contrast=0.25) for k in b]
+        zooms, contrasts = [k.zoom for k in changed], [k.contrast for k in changed]
+        assert all(1 <= z <= 2 for z in zooms) and 0 < zooms.count(1.0) < len(zooms)
+        assert all(0.25 <= c <= 1 for c in contrasts) and 0 < contrasts.count(1.0) < len(contrasts)
 
     def test_no_shuffle_keeps_file_order(self):
         batches = list(GroupedBatchSampler(self.lengths, 2, shuffle=False))

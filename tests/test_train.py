@@ -1,5 +1,6 @@
 """train.py: released flags, init, loss, a tiny end-to-end run, checkpoints, resume, errors, torchrun."""
 import csv
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -114,6 +115,43 @@ class TestInitAndLoss:
         torch.testing.assert_close(train.depth_loss(perfect, depth, target, "mse+ce"), mse, atol=1e-6, rtol=0)
         assert train.depth_loss(logits, depth, target, "mse+ce", ce_weight=1.0) > mse + 1.0
 
+    def test_fusion_term_counts_only_where_the_slices_differ(self):
+        # Two slices that differ by 0.5 on the left half only; the truth is slice 1 everywhere.
+        stack = torch.zeros(1, 2, 4, 4)
+        stack[0, 0, :, :2] = 0.5
+        target = torch.ones(1, 1, 4, 4)                      # floor(1 * 2) -> last slice
+        depth = torch.ones(1, 1, 4, 4)                       # no MSE
+        wrong = torch.zeros(1, 2, 4, 4)
+        wrong[:, 0] = 50.0                                   # confidently slice 0 everywhere
+        loss = train.depth_loss(wrong, depth, target, "mse", stack=stack, fusion_weight=2.0)
+        torch.testing.assert_close(loss, torch.tensor(2.0 * 0.5 * 0.5))  # half the pixels off by 0.5
+        right = wrong.flip(1)
+        assert train.depth_loss(right, depth, target, "mse", stack=stack, fusion_weight=2.0) < 1e-12
+
+    def test_distance_term_charges_far_misses_more(self):
+        target = torch.zeros(1, 1, 2, 2)                     # truth: slice 0 of 4 everywhere
+        depth = torch.zeros(1, 1, 2, 2)
+        def confident(k):
+            logits = torch.zeros(1, 4, 2, 2)
+            logits[:, k] = 60.0
+            return logits
+        costs = [train.depth_loss(confident(k), depth, target, "mse", distance_weight=0.5).item()
+                 for k in range(4)]
+        assert costs == pytest.approx([0.0, 0.5, 1.0, 1.5], abs=1e-6)
+
+    def test_cosine_clock(self):
+        args = train.get_args_parser().parse_args(["--lr", "1e-3", "--num_epochs", "2", "--lr_schedule",
+                                                   "cosine"])
+        clock = train.RunClock(args, steps_per_epoch=50)
+        assert clock.cosine_lr(0) == pytest.approx(1e-3, rel=1e-3)
+        assert clock.cosine_lr(50) == pytest.approx(1e-3 * (train.COSINE_FLOOR + 1) / 2, rel=1e-3)
+        assert clock.cosine_lr(100) == pytest.approx(1e-3 * train.COSINE_FLOOR)
+        assert not clock.out_of_time()
+        args.max_minutes = 1.0
+        late = train.RunClock(args, 50, seconds_done=45.0)  # 3/4 of the budget spent
+        assert late.progress(0) == pytest.approx(0.75, abs=0.01) and not late.out_of_time()
+        assert train.RunClock(args, 50, seconds_done=61.0).out_of_time()
+
 
 class TestTraining:
     def test_validation_loss_drops(self, reference_run, data):
@@ -153,12 +191,12 @@ class TestTraining:
                                                                       monkeypatch):
         original = train.train_one_epoch
 
-        def interrupted(net, loader, optimizer, scaler, runtime, epoch, args, writer=None):
+        def interrupted(net, loader, optimizer, scaler, runtime, epoch, args, writer=None, clock=None):
             if epoch == 1:  # take two optimiser steps of the second epoch, then "crash"
                 args.max_steps_per_epoch = 2
-                original(net, loader, optimizer, scaler, runtime, epoch, args, writer)
+                original(net, loader, optimizer, scaler, runtime, epoch, args, writer, clock)
                 raise KeyboardInterrupt
-            return original(net, loader, optimizer, scaler, runtime, epoch, args, writer)
+            return original(net, loader, optimizer, scaler, runtime, epoch, args, writer, clock)
 
         monkeypatch.setattr(train, "train_one_epoch", interrupted)
         with pytest.raises(KeyboardInterrupt):
@@ -194,6 +232,32 @@ class TestTraining:
                              "--num_epochs", "1", "--max_steps_per_epoch", "1", "--max_val_batches", "1"))
         saved = torch.load(tmp_path / "run" / "last.pth", weights_only=True)["model"]
         assert all(torch.equal(saved[k], v) for k, v in weights.items())
+
+    def test_compact_recipe_exports_weights_with_their_card(self, data, tmp_path, capsys):
+        export = tmp_path / "weights" / "mine.pth"
+        summary = train.main(tiny_args(data, tmp_path, "--num_epochs", "1", "--crop", "32", "--rotate",
+                                       "--zoom", "1.5", "--contrast", "0.3", "--lr_schedule", "cosine",
+                                       "--loss", "mse+ce", "--ce_weight", "1", "--fusion_weight", "1",
+                                       "--distance_weight", "1", "--export", str(export)))
+        assert summary["history"][0]["train_loss"] > 0
+        saved = torch.load(tmp_path / "run" / "last.pth", weights_only=True)
+        exported = torch.load(export, weights_only=True)
+        assert exported.keys() == saved["model"].keys()
+        assert all(torch.equal(exported[k], v) for k, v in saved["model"].items())
+        card = json.loads(export.with_suffix(".json").read_text())
+        assert card["index_rule"] == "argmax" and card["trained_by"] == "train.py"
+        assert card["args"]["crop"] == 32 and card["epochs_done"] == 1
+        model = load_model(str(export))
+        assert model.index_rule == "argmax"
+        assert "exported the final weights" in capsys.readouterr().out
+
+    def test_time_budget_stops_and_still_saves(self, data, tmp_path, capsys):
+        # A budget of a few milliseconds runs out at the first check of epoch 1.
+        summary = train.main(tiny_args(data, tmp_path, "--max_minutes", "0.00001", "--lr_schedule", "cosine",
+                                       "--export", str(tmp_path / "w.pth")))
+        assert len(summary["history"]) == 1
+        assert (tmp_path / "run" / "last.pth").is_file() and (tmp_path / "w.pth").is_file()
+        assert "budget ran out during epoch 1" in capsys.readouterr().out
 
     def test_cli_error_is_one_line(self, tmp_path):
         result = subprocess.run([sys.executable, "train.py", "--train_dataset", str(tmp_path / "no"),
