@@ -142,17 +142,20 @@ def argmax_index_and_depth(logits: torch.Tensor):
 TEST_VIEWS = (1, 2, 4, 8)
 
 
-def _view(t: torch.Tensor, k: int) -> torch.Tensor:
-    """View k of TEST_VIEWS' order on the last two axes: bit 0 mirror left-right, bit 1 up-down, bit 2 transpose."""
+def _mirror(t: torch.Tensor, k: int) -> torch.Tensor:
+    """Bit 0 of k mirrors the last axis (left-right), bit 1 the one before (up-down); its own inverse."""
     dims = ([-1] if k & 1 else []) + ([-2] if k & 2 else [])
-    t = t.flip(dims) if dims else t
+    return t.flip(dims) if dims else t
+
+
+def _view(t: torch.Tensor, k: int) -> torch.Tensor:
+    """View k of TEST_VIEWS' order on the last two axes: the mirrors of ``_mirror``, then bit 2 transposes."""
+    t = _mirror(t, k)
     return t.transpose(-1, -2) if k & 4 else t
 
 
 def _unview(t: torch.Tensor, k: int) -> torch.Tensor:
-    t = t.transpose(-1, -2) if k & 4 else t
-    dims = ([-1] if k & 1 else []) + ([-2] if k & 2 else [])
-    return t.flip(dims) if dims else t
+    return _mirror(t.transpose(-1, -2) if k & 4 else t, k)
 
 
 def multi_view_logits(logits_fn, x: torch.Tensor, views: int = 1) -> torch.Tensor:

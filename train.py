@@ -250,14 +250,16 @@ def depth_loss(logits, depth, target, loss: str = "mse", ce_weight: float = 0.1,
         slice_index = target_slice_index(target, n)                       # (B, H, W)
     if loss == "mse+ce":
         value = value + ce_weight * F.cross_entropy(logits.float(), slice_index)
+    if fusion_weight or distance_weight:
+        prob = torch.softmax(logits.float(), dim=1)                              # (B, N, H, W)
     if fusion_weight:
-        fused = (torch.softmax(logits.float(), dim=1) * stack).sum(dim=1)        # (B, H, W)
+        fused = (prob * stack).sum(dim=1)                                        # (B, H, W)
         all_in_focus = stack.gather(1, slice_index[:, None])[:, 0]             # (B, H, W)
         value = value + fusion_weight * (fused - all_in_focus).abs().mean()
     if distance_weight:
         slices = torch.arange(n, dtype=torch.float32, device=logits.device).view(1, n, 1, 1)
         distance = (slices - slice_index[:, None].float()).abs()                 # (B, N, H, W)
-        value = value + distance_weight * (torch.softmax(logits.float(), dim=1) * distance).sum(dim=1).mean()
+        value = value + distance_weight * (prob * distance).sum(dim=1).mean()
     return value
 
 
@@ -376,7 +378,7 @@ class RunClock:
     """
 
     def __init__(self, args, steps_per_epoch: int, seconds_done: float = 0.0):
-        self.lr, self.schedule = args.lr, args.lr_schedule
+        self.lr = args.lr
         self.total_steps = max(1, args.num_epochs * steps_per_epoch)
         self.budget = args.max_minutes * 60
         self.start = time.perf_counter() - seconds_done

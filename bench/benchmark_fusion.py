@@ -39,7 +39,7 @@ from inference import DEFAULT_MODEL, fuse_gray_batch  # noqa: E402
 from make_datasets import synthesis  # noqa: E402
 from make_datasets.common import fill_invalid  # noqa: E402
 from make_datasets.make_synthetic import stretch_to_8bit  # noqa: E402
-from model import INDEX_RULES, TEST_VIEWS, load_model  # noqa: E402
+from model import INDEX_RULES, TEST_VIEWS, load_model, read_inference_settings  # noqa: E402
 from utils import (InputError, ensure_output_dir, natural_sort_key, read_stack, run_cli,  # noqa: E402
                    stack_to_tensor, to_gray_float, write_image)
 
@@ -136,14 +136,14 @@ def make_fusers(args):
         if not Path(path).is_file():
             print(f"{name} skipped: {path} does not exist")
             continue
-        model = load_model(path, "cpu")
-        variants = [(model.index_rule, model.views, name)]
+        rule, views = read_inference_settings(path)
+        variants = [(rule, views, name)]
         if args.extra_rules:
-            variants += [(r, model.views, f"{name} ({r})") for r in INDEX_RULES if r != model.index_rule]
-        variants += [(model.index_rule, v, f"{name} ({v} view{'s' * (v > 1)})")
-                     for v in args.extra_views if v != model.views]
-        for rule, views, label in variants:
-            fusers.append((label, network_fuser(load_model(path, "cpu", index_rule=rule, views=views))))
+            variants += [(r, views, f"{name} ({r})") for r in INDEX_RULES if r != rule]
+        variants += [(rule, v, f"{name} ({v} view{'s' * (v > 1)})") for v in args.extra_views if v != views]
+        for variant_rule, variant_views, label in variants:
+            model = load_model(path, "cpu", index_rule=variant_rule, views=variant_views)
+            fusers.append((label, network_fuser(model)))
     fusers.append(("classical", classical_fuse))
     return fusers
 
