@@ -216,14 +216,15 @@ def gru_tile_side(num_slices: int) -> int:
 
 
 def gru_logits(bigru, features: torch.Tensor, precision: str = "fp32", tile: int = None,
-               workers: int = 1) -> torch.Tensor:
+               workers: int = 1, bounded: bool = False) -> torch.Tensor:
     """``LayerInteraction`` of one stack: bidirectional ConvGRU, then max over channels.
 
     bigru: a BidirectionalConvGRU; features (N, 8, H, W). Returns logits (N, H, W).
     The image is cut into tiles of ``tile`` pixels (default: ``gru_tile_side``
     on CPU, the whole image elsewhere) that are computed exactly (see ``_gru_tile``) and independently, by
     ``workers`` threads.
-    ``precision``: see ``autocast_context``.
+    ``precision``: see ``autocast_context``. ``bounded``: return freed memory
+    to the kernel after every tile (see ``return_freed_memory``).
     """
     n, cin, h, w = features.shape
     if tile is None:        # on GPUs small tiles would only add kernel launches: one tile
@@ -232,6 +233,8 @@ def gru_logits(bigru, features: torch.Tensor, precision: str = "fp32", tile: int
     logits = features.new_empty((n, h, w), dtype=torch.float32)
     jobs = [partial(_gru_tile, cells, features, box, (h, w), logits, precision)
             for box in _tiles((h, w), tile)]
+    if bounded:
+        jobs = [partial(_then_return_freed_memory, job) for job in jobs]
     _run_all(jobs, workers)
     return logits
 
@@ -304,19 +307,46 @@ def reuse_freed_memory():
     if _MALLOC_TUNED:
         return
     _MALLOC_TUNED.append(True)
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(_M_MMAP_THRESHOLD, GIB)
-        libc.mallopt(_M_TRIM_THRESHOLD, 2 * GIB)
-    except (OSError, AttributeError):
-        pass
+    if _LIBC is not None and hasattr(_LIBC, "mallopt"):
+        _LIBC.mallopt(_M_MMAP_THRESHOLD, GIB)
+        _LIBC.mallopt(_M_TRIM_THRESHOLD, 2 * GIB)
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3       # glibc's mallopt parameters
 
 
-def fast_forward(model, x: torch.Tensor, precision: str = "fp32", chunk: int = 2, workers: int = None):
-    """Same contract as ``StackMFFV2.forward``: x (B, N, H, W) -> (fused, depth, index).
+def _glibc():
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+_LIBC = _glibc()
+
+
+def return_freed_memory():
+    """Give the allocator's free pages back to the kernel (glibc ``malloc_trim``).
+
+    The tiled path calls it after every chunk of the feature extractor and
+    every GRU tile: without it, freed blocks stay resident in glibc's heaps
+    (one per worker thread) and the process went up to 20% above
+    ``--max_memory`` (30 x 1.5 MP under 2 GiB: peak RSS 2.55 GB without,
+    1.94 GB with; docs/performance.md). No-op where glibc is not the allocator.
+    """
+    if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
+        _LIBC.malloc_trim(0)
+
+
+def _then_return_freed_memory(job):
+    result = job()
+    return_freed_memory()
+    return result
+
+
+def fast_outputs(model, x: torch.Tensor, precision: str = "fp32", chunk: int = 2, workers: int = None):
+    """Same contract as ``StackMFFV2.outputs`` from the stack alone: x (B, N, H, W) ->
+    (fused, depth, index, weights or None).
 
     workers: threads (see ``fast_focus_logits``). On CPU it calls ``reuse_freed_memory``."""
     if x.device.type == "cpu":
@@ -324,9 +354,12 @@ def fast_forward(model, x: torch.Tensor, precision: str = "fp32", chunk: int = 2
     with torch.inference_mode():
         logits = multi_view_logits(partial(fast_focus_logits, model, precision=precision, chunk=chunk,
                                            workers=workers), x, model.views)
-        index, depth = model.index_and_depth(logits)                      # (B, H, W), (B, 1, H, W)
-        fused = gather_slices(x, index)                                    # (B, 1, H, W)
-    return fused, depth, index
+        return model.outputs(x, logits)
+
+
+def fast_forward(model, x: torch.Tensor, precision: str = "fp32", chunk: int = 2, workers: int = None):
+    """Same contract as ``StackMFFV2.forward``: x (B, N, H, W) -> (fused, depth, index)."""
+    return fast_outputs(model, x, precision, chunk, workers)[:3]
 
 
 # ----------------------------------------------------------------------------- tiles
@@ -483,25 +516,35 @@ def _with_halo(box, halo, size):
     return (max(0, y0 - halo), min(size[0], y1 + halo), max(0, x0 - halo), min(size[1], x1 + halo))
 
 
-def bytes_per_crop_pixel(num_slices: int, chunk: int = 2) -> int:
-    """Working memory per crop pixel: the stack's features (8 floats per slice),
-    the GRU forward states (16) and its step temporaries, plus the feature
-    extractor of one chunk of slices (about 70 floats per slice at full size)."""
-    return 4 * (26 * num_slices + 100 + 70 * chunk)
+def tile_bytes(tile: int, num_slices: int, feature_halo: int, gru_halo: int, chunk: int = 2) -> int:
+    """Peak working memory of one GRU tile of side ``tile``.
+
+    Two moments compete: while the feature extractor runs one chunk of
+    slices on the tile grown by both halos (about 90 floats per slice and
+    pixel), the features of the slices done so far are kept on the GRU
+    window only (8 floats per slice and pixel); then the GRU adds its logits
+    and per-worker states to those features.
+    """
+    gru_pixels = (tile + 2 * gru_halo) ** 2
+    fe_pixels = (tile + 2 * (gru_halo + feature_halo)) ** 2
+    features = 4 * 8 * num_slices * gru_pixels
+    extracting = features + 4 * (90 * chunk + 30) * fe_pixels
+    recurring = features + 4 * (num_slices + 40) * gru_pixels
+    return max(extracting, recurring)
 
 
-def plan_tiles(size, num_slices, max_memory, fixed_bytes=0, halo=0, chunk=2):
-    """Largest tile side (a multiple of 32) whose crop fits in ``max_memory`` GiB.
+def plan_tiles(size, num_slices, max_memory, fixed_bytes=0, feature_halo=0, gru_halo=0, chunk=2):
+    """Largest tile side (a multiple of 32) whose working memory fits in ``max_memory`` GiB.
 
     fixed_bytes: what is held whatever the tile (input stack, outputs).
     InputError when even the smallest tile does not fit.
     """
     budget = max_memory * GIB - fixed_bytes - _FIXED_BYTES
-    per_pixel = bytes_per_crop_pixel(num_slices, chunk)
-    side = math.isqrt(max(0, int(budget // per_pixel))) - 2 * halo
-    side = min(side // ALIGN * ALIGN, next_multiple(max(size), ALIGN))
+    side = next_multiple(max(size), ALIGN)
+    while side >= ALIGN and tile_bytes(side, num_slices, feature_halo, gru_halo, chunk) > budget:
+        side -= ALIGN
     if side < ALIGN:
-        need = (_FIXED_BYTES + fixed_bytes + per_pixel * (ALIGN + 2 * halo) ** 2) / GIB
+        need = (_FIXED_BYTES + fixed_bytes + tile_bytes(ALIGN, num_slices, feature_halo, gru_halo, chunk)) / GIB
         raise InputError(f"--max_memory {max_memory:g} GiB is too small for a {num_slices}-slice stack "
                          f"of {size[1]}x{size[0]}; it needs at least {need:.2f} GiB")
     return side
@@ -545,7 +588,7 @@ def tiled_forward(model, stack, max_memory=None, tile=None, halo=None, stat_pass
     held = stack.numel() * stack.element_size() if torch.is_tensor(stack) else stack.nbytes
     held += size[0] * size[1] * 16 + reserved_bytes              # outputs and the caller's share
     if tile is None:
-        tile = plan_tiles(size, n, max_memory, held, halo + gru_halo, chunk) if max_memory else 512
+        tile = plan_tiles(size, n, max_memory, held, halo, gru_halo, chunk) if max_memory else 512
     if stats_tile is None:
         stats_tile = plan_stats_tile(size, max_memory, held, halo, chunk)
     if stats_tile >= max(size):
@@ -560,15 +603,27 @@ def tiled_forward(model, stack, max_memory=None, tile=None, halo=None, stat_pass
     total_steps = len(boxes) + len(stats_boxes) * stat_passes
     bar = progress(total=total_steps, desc="tiles", unit="tile") if progress else None
 
-    def features(crop, interior, given, collect):
+    def features(crop, interior, given, collect, keep=None):
+        """Run the feature extractor on ``crop``, one chunk of slices at a time.
+
+        Returns the (N, 8, h, w) features of the ``keep`` window only (the
+        halo beyond it served the extractor's context), or None without one
+        (statistics passes)."""
         rows, cols = (crop[0], crop[1]), (crop[2], crop[3])
-        parts = []
+        kept = None
         for s in range(0, n, chunk):
             sl = slice(s, min(n, s + chunk))
             x = network_input_crop(stack[sl], rows, cols, size).to(device)
             ctx = TileContext(crop, interior, size, sl, given, collect)
-            parts.append(extract_features(fe, x, ctx))
-        return parts
+            part = extract_features(fe, x, ctx)
+            del x
+            return_freed_memory()
+            if keep is not None:
+                if kept is None:
+                    kept = part.new_empty((n, part.shape[1], keep[1] - keep[0], keep[3] - keep[2]))
+                kept[sl] = part[:, :, keep[0] - crop[0]:keep[1] - crop[0], keep[2] - crop[2]:keep[3] - crop[2]]
+            del part
+        return kept
 
     with torch.inference_mode():
         given = None
@@ -582,12 +637,13 @@ def tiled_forward(model, stack, max_memory=None, tile=None, halo=None, stat_pass
             given = collect.finish()
         number = torch.empty(size, dtype=torch.float32)          # expected slice number in [1, N] (argmax: index)
         for box in boxes:
-            crop = _with_halo(box, halo + gru_halo, size)
-            feats = torch.cat(features(crop, box, given, None))   # (N, 8, h, w)
+            window = _with_halo(box, gru_halo, size)              # what the GRU needs to be exact
+            crop = _with_halo(box, halo + gru_halo, size)         # what the extractor needs around it
+            feats = features(crop, box, given, None, keep=window)   # (N, 8, h, w) on the window
             logits = gru_logits(model.layer_interaction.layer_interaction_depth, feats, precision,
-                                workers=workers)
+                                workers=workers, bounded=True)
             del feats
-            inner = logits[:, box[0] - crop[0]:box[1] - crop[0], box[2] - crop[2]:box[3] - crop[2]]
+            inner = logits[:, box[0] - window[0]:box[1] - window[0], box[2] - window[2]:box[3] - window[2]]
             if model.index_rule == "argmax":   # per pixel: no image-wide statistic needed
                 number[box[0]:box[1], box[2]:box[3]] = inner.argmax(dim=0).float().cpu()
             else:

@@ -5,13 +5,14 @@ released resize up to a multiple of 32 and back); ``render_outputs`` turns
 one result into the six released pictures.
 """
 from dataclasses import dataclass
+from typing import Optional
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from fast_inference import PRECISIONS, fast_forward, tiled_forward
+from fast_inference import PRECISIONS, fast_outputs, tiled_forward
 from model import INDEX_RULES, TEST_VIEWS
 from utils import (depth_colormap, dtype_max, index_picture, resize_back, resize_to_multiple,
                    stack_to_tensor, to_gray, to_uint8, write_image, write_npy)
@@ -33,6 +34,10 @@ def add_model_arguments(group):
                        help="test-time views whose focus logits are averaged: 1 the stack as given, 2 also "
                             "mirrored, 4 also flipped up-down, 8 also transposed; costs that many passes "
                             "(default: the model card's, else 1 as released; --max_memory tiles run 1)")
+    group.add_argument("--fusion_temperature", type=float, default=None,
+                       help="0 takes each pixel from the slice the index names (released); T > 0 blends the "
+                            "slices with softmax(focus logits / T) weights (default: the model card's, else 0; "
+                            "--max_memory tiles pick by index)")
     group.add_argument("--device", type=str, default=None,
                        help="cpu, cuda, cuda:1, mps (default: best available; under torchrun cuda:<LOCAL_RANK>)")
     group.add_argument("--max_memory", type=float, default=None,
@@ -59,12 +64,14 @@ class FusionResult:
     """One fused stack at the input size.
 
     fused_gray: float32 HxW in [0, 1]; depth: float32 HxW in [0, 1];
-    index: int64 HxW in [0, N-1]; num_slices: N.
+    index: int64 HxW in [0, N-1]; num_slices: N; weights: float32 NxHxW
+    soft fusion weights (summing to 1 over N), None when fused picks by index.
     """
     fused_gray: np.ndarray
     depth: np.ndarray
     index: np.ndarray
     num_slices: int
+    weights: Optional[np.ndarray] = None
 
 
 def fuse_gray_batch(model, gray, device=None, max_memory=None, precision="fp32", fast=True,
@@ -91,14 +98,14 @@ def fuse_gray_batch(model, gray, device=None, max_memory=None, precision="fp32",
                                reserved_bytes=reserved_bytes)
                  for stack in gray]
         fused, depth, index = (torch.stack(parts)[:, None] for parts in zip(*tiled))
-        index = index[:, 0]
+        index, weights = index[:, 0], None
     else:
         x = resize_to_multiple(torch.as_tensor(gray).float()).to(device)
         if fast:
-            fused, depth, index = fast_forward(model, x, precision)
+            fused, depth, index, weights = fast_outputs(model, x, precision)
         else:
             with torch.inference_mode():
-                fused, depth, index = model(x)  # (B,1,h',w'), (B,1,h',w'), (B,h',w')
+                fused, depth, index, weights = model.outputs(x, model.focus_logits_of_views(x))
     fused = fused[:, 0].float().cpu().numpy()
     depth = depth[:, 0].float().cpu().numpy()
     index = index.cpu().numpy().astype(np.int32)
@@ -109,8 +116,17 @@ def fuse_gray_batch(model, gray, device=None, max_memory=None, precision="fp32",
             depth=resize_back(depth[k], (h, w)),
             index=resize_back(index[k], (h, w), nearest=True).astype(np.int64),
             num_slices=n,
+            weights=None if weights is None else weights_at_size(weights[k], (h, w)),
         ))
     return results
+
+
+def weights_at_size(weights: torch.Tensor, size) -> np.ndarray:
+    """Soft fusion weights (N, H', W') at the network's size -> float32 (N, H, W), resized
+    bilinearly as the fused image is, and renormalised to sum to 1."""
+    out = np.stack([resize_back(w, size) for w in weights.float().cpu().numpy()])
+    out /= np.maximum(out.sum(axis=0, keepdims=True), 1e-12)
+    return out
 
 
 def fuse_images(model, images, device=None, max_memory=None, precision="fp32") -> FusionResult:
@@ -139,6 +155,15 @@ def color_fuse(images, index: np.ndarray) -> np.ndarray:
     return fused
 
 
+def color_blend(images, weights: np.ndarray) -> np.ndarray:
+    """Soft colour fusion: sum over slices of weights[k] * images[k], slice by slice
+    (one float image more than the inputs), rounded back to the input's type."""
+    total = np.zeros(images[0].shape, np.float32)
+    for image, weight in zip(images, weights):
+        total += image * (weight[..., None] if image.ndim == 3 else weight)
+    return np.clip(np.rint(total), 0, dtype_max(images[0].dtype)).astype(images[0].dtype)
+
+
 def render_outputs(result: FusionResult, images, reverse: bool = False) -> dict:
     """The six released outputs of one stack, keyed by OUTPUT_KINDS stems.
 
@@ -154,7 +179,8 @@ def render_outputs(result: FusionResult, images, reverse: bool = False) -> dict:
     return {
         "fused_gray": fused_gray,
         "depth_map": to_uint8(depth),
-        "color_fused": color_fuse(images, result.index),
+        "color_fused": (color_fuse(images, result.index) if result.weights is None
+                        else color_blend(images, result.weights)),
         "depth_colormap": depth_colormap(depth),
         "depth_index": index.astype(np.int32),
         "depth_index_vis": index_picture(index, n),

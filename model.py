@@ -170,6 +170,17 @@ def multi_view_logits(logits_fn, x: torch.Tensor, views: int = 1) -> torch.Tenso
     return total / views if views > 1 else total
 
 
+def soft_fusion_weights(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Per-slice fusion weights softmax(logits / temperature) over the slice axis (dim 1).
+
+    A blend instead of a pick: where the network hesitates between slices
+    that look alike the mean of the likely ones is closer to the truth than
+    either (the shipped weights were trained with this blend as a loss term).
+    Small temperatures approach the argmax pick.
+    """
+    return torch.softmax(logits / temperature, dim=1)
+
+
 class StackMFFV2(nn.Module):
     """The whole network.
 
@@ -177,16 +188,20 @@ class StackMFFV2(nn.Module):
     Returns (fused (B, 1, H, W) in [0, 1], depth (B, 1, H, W) in [0, 1],
     index (B, H, W) int64 in [0, N-1]). ``index_rule`` is one of INDEX_RULES;
     ``views`` one of TEST_VIEWS (1, the released single pass, unless the
-    model card asks for more).
+    model card asks for more). ``fusion_temperature`` 0 picks each pixel
+    from the slice named by the index (released); above 0 the fused image
+    blends the slices with ``soft_fusion_weights``.
     """
 
-    def __init__(self, index_rule: str = "minmax_round", views: int = 1):
+    def __init__(self, index_rule: str = "minmax_round", views: int = 1, fusion_temperature: float = 0.0):
         super().__init__()
         if index_rule not in INDEX_RULES:
             raise ValueError(f"index_rule must be one of {INDEX_RULES}, got {index_rule!r}")
         if views not in TEST_VIEWS:
             raise ValueError(f"views must be one of {TEST_VIEWS}, got {views!r}")
-        self.index_rule, self.views = index_rule, views
+        if not fusion_temperature >= 0:
+            raise ValueError(f"fusion_temperature must be >= 0, got {fusion_temperature!r}")
+        self.index_rule, self.views, self.fusion_temperature = index_rule, views, float(fusion_temperature)
         self.feature_extraction = FeatureExtraction()
         self.layer_interaction = LayerInteraction()
 
@@ -197,10 +212,21 @@ class StackMFFV2(nn.Module):
         return self.layer_interaction(features.reshape(b, n, -1, h, w))
 
     def forward(self, x: torch.Tensor):
-        logits = multi_view_logits(self.focus_logits, x, self.views)  # (B, N, H, W)
+        return self.outputs(x, self.focus_logits_of_views(x))[:3]
+
+    def focus_logits_of_views(self, x: torch.Tensor) -> torch.Tensor:
+        """Focus logits averaged over this model's test-time views."""
+        return multi_view_logits(self.focus_logits, x, self.views)
+
+    def outputs(self, x: torch.Tensor, logits: torch.Tensor):
+        """Stack x and its focus logits (B, N, H, W) -> (fused (B, 1, H, W), depth (B, 1, H, W),
+        index (B, H, W), weights): weights (B, N, H, W) are the soft fusion weights, None when
+        the fused image picks by index."""
         index, depth = self.index_and_depth(logits)                  # (B, H, W), (B, 1, H, W)
-        fused = gather_slices(x, index)                              # (B, 1, H, W)
-        return fused, depth, index
+        if not self.fusion_temperature:
+            return gather_slices(x, index), depth, index, None
+        weights = soft_fusion_weights(logits, self.fusion_temperature)
+        return (weights * x).sum(dim=1, keepdim=True), depth, index, weights
 
     def index_and_depth(self, logits: torch.Tensor):
         """Focus logits (B, N, H, W) -> (index (B, H, W) int64, depth (B, 1, H, W) in [0, 1])
@@ -267,36 +293,41 @@ def write_model_card(path, card: dict):
 
 
 def read_inference_settings(path):
-    """(index_rule, views) recorded in the model card beside a checkpoint, else the released
-    ("minmax_round", 1)."""
+    """(index_rule, views, fusion_temperature) recorded in the model card beside a checkpoint,
+    else the released ("minmax_round", 1, 0.0)."""
     card_path = model_card_path(path)
     if not os.path.isfile(card_path):
-        return "minmax_round", 1
+        return "minmax_round", 1, 0.0
     try:
         with open(card_path, encoding="utf-8") as f:
             card = json.load(f)
         rule, views = card.get("index_rule", "minmax_round"), card.get("views", 1)
+        temperature = card.get("fusion_temperature", 0.0)
     except (OSError, ValueError, AttributeError) as exc:
         raise CheckpointError(f"model card {card_path!r} is not readable JSON ({type(exc).__name__})") from None
     if rule not in INDEX_RULES:
         raise CheckpointError(f"model card {card_path!r} names an unknown index_rule {rule!r}")
     if views not in TEST_VIEWS:
         raise CheckpointError(f"model card {card_path!r} asks for {views!r} views; one of {TEST_VIEWS} is needed")
-    return rule, views
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature >= 0:
+        raise CheckpointError(f"model card {card_path!r} has fusion_temperature {temperature!r}; "
+                              "a number >= 0 is needed")
+    return rule, views, float(temperature)
 
 
-def load_model(path, device="cpu", index_rule=None, views=None) -> StackMFFV2:
+def load_model(path, device="cpu", index_rule=None, views=None, fusion_temperature=None) -> StackMFFV2:
     """Build StackMFFV2 from a checkpoint: load on CPU, strict, then move and eval().
 
-    ``index_rule`` and ``views`` None take what the JSON model card beside
-    the checkpoint (``model_card_path``) records, else the released
-    "minmax_round" and 1 view.
+    ``index_rule``, ``views`` and ``fusion_temperature`` None take what the
+    JSON model card beside the checkpoint (``model_card_path``) records,
+    else the released "minmax_round", 1 view and 0 (pick by index).
     Raises CheckpointError with one sentence naming the file when it is
     missing, not a checkpoint, or the weights of another architecture.
     """
     state_dict = read_state_dict(path)
-    card_rule, card_views = read_inference_settings(path)
-    model = StackMFFV2(index_rule or card_rule, views or card_views)
+    card_rule, card_views, card_temperature = read_inference_settings(path)
+    model = StackMFFV2(index_rule or card_rule, views or card_views,
+                       card_temperature if fusion_temperature is None else fusion_temperature)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))

@@ -153,6 +153,9 @@ def get_args_parser():
                           "(the index rule the loss trained: argmax for mse+ce) for the predict scripts")
     run.add_argument("--export_views", type=int, default=1, choices=TEST_VIEWS,
                      help="test-time views the exported model card asks the predict scripts for")
+    run.add_argument("--export_fusion_temperature", type=float, default=0.0,
+                     help="fusion temperature of the exported model card: 0 picks by index, T > 0 blends "
+                          "the slices with softmax(logits / T) (see docs/weights.md for how it was chosen)")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--device", type=str, default=None, help="cpu, cuda, cuda:1, mps (default: best available)")
     run.add_argument("--num_threads", type=int, default=None, help="CPU threads for PyTorch (default: its own)")
@@ -679,7 +682,7 @@ def export_weights(model: StackMFFV2, args, commit: str, seconds: float, epochs:
     ensure_output_dir(path.parent)
     save_checkpoint(path, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
     write_model_card(path, {"index_rule": "argmax" if args.loss == "mse+ce" else "minmax_round",
-                            "views": args.export_views,
+                            "views": args.export_views, "fusion_temperature": args.export_fusion_temperature,
                             "trained_by": "train.py", "git_commit": commit, "epochs_done": epochs,
                             "train_seconds": round(seconds), "torch": torch.__version__, "args": vars(args)})
     print(f"exported the final weights to {path} (model card {Path(model_card_path(path)).name})")

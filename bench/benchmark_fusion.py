@@ -18,7 +18,7 @@ magnitude and Laplacian variance of the fused gray image (higher = sharper),
 and one side-by-side picture per scene in ``--figures_dir``
 (middle input slice | official | ours | classical).
 
-Fusers: "ours" (``--ours``, with the index rule of its model card), "official"
+Fusers: "ours" (``--ours``, with the settings of its model card), "official"
 (``--official``, released rule; skipped when the file is absent), and
 "classical": per-pixel argmax of the Gaussian-smoothed squared Laplacian.
 """
@@ -57,6 +57,8 @@ def get_args_parser():
                         help="also run each network with the other index rule")
     models.add_argument("--extra_views", type=int, nargs="+", default=[], choices=TEST_VIEWS,
                         help="also run each network (with its own rule) with these numbers of test-time views")
+    models.add_argument("--extra_fusion", type=float, nargs="+", default=[], metavar="T",
+                        help="also run each network with these fusion temperatures (0: pick by index)")
     gt = parser.add_argument_group("ground-truth sets")
     gt.add_argument("--slices", type=int, nargs="+", default=[8, 16], help="stack lengths")
     gt.add_argument("--crop", type=int, nargs=2, default=[256, 320], metavar=("H", "W"), help="crop size")
@@ -136,13 +138,17 @@ def make_fusers(args):
         if not Path(path).is_file():
             print(f"{name} skipped: {path} does not exist")
             continue
-        rule, views = read_inference_settings(path)
-        variants = [(rule, views, name)]
+        rule, views, temperature = read_inference_settings(path)
+        variants = [(rule, views, temperature, name)]
         if args.extra_rules:
-            variants += [(r, views, f"{name} ({r})") for r in INDEX_RULES if r != rule]
-        variants += [(rule, v, f"{name} ({v} view{'s' * (v > 1)})") for v in args.extra_views if v != views]
-        for variant_rule, variant_views, label in variants:
-            model = load_model(path, "cpu", index_rule=variant_rule, views=variant_views)
+            variants += [(r, views, temperature, f"{name} ({r})") for r in INDEX_RULES if r != rule]
+        variants += [(rule, v, temperature, f"{name} ({v} view{'s' * (v > 1)})")
+                     for v in args.extra_views if v != views]
+        variants += [(rule, views, t, f"{name} ({'pick' if t == 0 else f'soft T={t:g}'})")
+                     for t in args.extra_fusion if t != temperature]
+        for variant_rule, variant_views, variant_temperature, label in variants:
+            model = load_model(path, "cpu", index_rule=variant_rule, views=variant_views,
+                               fusion_temperature=variant_temperature)
             fusers.append((label, network_fuser(model)))
     fusers.append(("classical", classical_fuse))
     return fusers

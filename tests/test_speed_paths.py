@@ -157,3 +157,32 @@ def test_memory_the_caller_holds_counts_against_the_bound(model):
     tiled_forward(model, stack, max_memory=2.0)                       # fits
     with pytest.raises(InputError):
         tiled_forward(model, stack, max_memory=2.0, reserved_bytes=2 * GIB)
+
+
+@pytest.mark.slow
+def test_peak_memory_stays_within_max_memory():
+    """The bound a user gives is the process's peak resident memory, everything included
+    (interpreter, torch, the stack, outputs): 24 slices of 640 x 640 under 1.1 GiB,
+    two worker threads (each with its own allocator heap)."""
+    bound = 1.1
+    code = (f"import sys, resource, numpy as np, torch; sys.path.insert(0, {str(REPO)!r}); "
+            "torch.set_num_threads(2); from model import load_model; from fast_inference import tiled_forward; "
+            f"m = load_model({str(WEIGHTS)!r}); s = np.random.default_rng(0).integers(0, 256, (24, 640, 640), "
+            f"dtype=np.uint8); tiled_forward(m, s, max_memory={bound}); "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    peak = float(out.stdout.split()[-1])
+    assert peak <= bound * 2 ** 30, f"peak RSS {peak / 2 ** 30:.2f} GiB over --max_memory {bound} GiB"
+
+
+def test_tile_plan_is_the_largest_that_fits():
+    from fast_inference import _FIXED_BYTES, GIB, plan_tiles, tile_bytes
+    from utils import InputError
+    held = 3 * GIB
+    side = plan_tiles((4000, 6016), 30, 8, held, feature_halo=160, gru_halo=64)
+    budget = 8 * GIB - held - _FIXED_BYTES
+    assert side % 32 == 0
+    assert tile_bytes(side, 30, 160, 64) <= budget < tile_bytes(side + 32, 30, 160, 64)
+    assert plan_tiles((256, 320), 8, 8, 0, 160, 32) == 320      # the whole image when it fits
+    with pytest.raises(InputError, match="too small"):
+        plan_tiles((4000, 6016), 30, 3.5, held, 160, 64)
