@@ -4,6 +4,7 @@
 released resize up to a multiple of 32 and back); ``render_outputs`` turns
 one result into the six released pictures.
 """
+import argparse
 from dataclasses import dataclass
 from typing import Optional
 from pathlib import Path
@@ -13,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from fast_inference import PRECISIONS, fast_outputs, tiled_forward
-from model import INDEX_RULES, TEST_VIEWS
+from model import INDEX_RULES, TEST_VIEWS, checked_fusion_temperature
 from utils import (depth_colormap, dtype_max, index_picture, resize_back, resize_to_multiple,
                    stack_to_tensor, to_gray, to_uint8, write_image, write_npy)
 
@@ -21,6 +22,14 @@ from utils import (depth_colormap, dtype_max, index_picture, resize_back, resize
 # trained by this project (docs/weights.md); its model card beside it
 # (stackmffv2_synthetic.json) names the index rule they were trained for.
 DEFAULT_MODEL = Path(__file__).resolve().parent / "weights" / "stackmffv2_synthetic.pth"
+
+
+def fusion_temperature_arg(text) -> float:
+    """argparse type of --fusion_temperature: one clear usage error for a bad value."""
+    try:
+        return checked_fusion_temperature(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def add_model_arguments(group):
@@ -34,7 +43,7 @@ def add_model_arguments(group):
                        help="test-time views whose focus logits are averaged: 1 the stack as given, 2 also "
                             "mirrored, 4 also flipped up-down, 8 also transposed; costs that many passes "
                             "(default: the model card's, else 1 as released; --max_memory tiles run 1)")
-    group.add_argument("--fusion_temperature", type=float, default=None,
+    group.add_argument("--fusion_temperature", type=fusion_temperature_arg, default=None,
                        help="0 takes each pixel from the slice the index names (released); T > 0 blends the "
                             "slices with softmax(focus logits / T) weights (default: the model card's, else 0; "
                             "--max_memory tiles pick by index)")

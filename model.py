@@ -170,6 +170,19 @@ def multi_view_logits(logits_fn, x: torch.Tensor, views: int = 1) -> torch.Tenso
     return total / views if views > 1 else total
 
 
+def checked_fusion_temperature(value) -> float:
+    """``value`` as a float >= 0 (0: pick by index), else ValueError saying so."""
+    if isinstance(value, bool):
+        raise ValueError(f"fusion_temperature must be a number >= 0, got {value!r}")
+    try:
+        temperature = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"fusion_temperature must be a number >= 0, got {value!r}") from None
+    if not temperature >= 0:                      # also NaN
+        raise ValueError(f"fusion_temperature must be a number >= 0, got {value!r}")
+    return temperature
+
+
 def soft_fusion_weights(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """Per-slice fusion weights softmax(logits / temperature) over the slice axis (dim 1).
 
@@ -199,9 +212,8 @@ class StackMFFV2(nn.Module):
             raise ValueError(f"index_rule must be one of {INDEX_RULES}, got {index_rule!r}")
         if views not in TEST_VIEWS:
             raise ValueError(f"views must be one of {TEST_VIEWS}, got {views!r}")
-        if not fusion_temperature >= 0:
-            raise ValueError(f"fusion_temperature must be >= 0, got {fusion_temperature!r}")
-        self.index_rule, self.views, self.fusion_temperature = index_rule, views, float(fusion_temperature)
+        self.index_rule, self.views = index_rule, views
+        self.fusion_temperature = checked_fusion_temperature(fusion_temperature)
         self.feature_extraction = FeatureExtraction()
         self.layer_interaction = LayerInteraction()
 
@@ -302,17 +314,21 @@ def read_inference_settings(path):
         with open(card_path, encoding="utf-8") as f:
             card = json.load(f)
         rule, views = card.get("index_rule", "minmax_round"), card.get("views", 1)
-        temperature = card.get("fusion_temperature", 0.0)
+        raw_temperature = card.get("fusion_temperature", 0.0)
     except (OSError, ValueError, AttributeError) as exc:
         raise CheckpointError(f"model card {card_path!r} is not readable JSON ({type(exc).__name__})") from None
     if rule not in INDEX_RULES:
         raise CheckpointError(f"model card {card_path!r} names an unknown index_rule {rule!r}")
     if views not in TEST_VIEWS:
         raise CheckpointError(f"model card {card_path!r} asks for {views!r} views; one of {TEST_VIEWS} is needed")
-    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature >= 0:
-        raise CheckpointError(f"model card {card_path!r} has fusion_temperature {temperature!r}; "
-                              "a number >= 0 is needed")
-    return rule, views, float(temperature)
+    try:
+        if isinstance(raw_temperature, str):      # JSON must hold a number, not text that parses as one
+            raise ValueError(raw_temperature)
+        temperature = checked_fusion_temperature(raw_temperature)
+    except ValueError:
+        raise CheckpointError(f"model card {card_path!r} has fusion_temperature {raw_temperature!r}; "
+                              "a number >= 0 is needed") from None
+    return rule, views, temperature
 
 
 def load_model(path, device="cpu", index_rule=None, views=None, fusion_temperature=None) -> StackMFFV2:

@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dataset import FocusStackDataset, GroupedBatchSampler, dataset_name
+from inference import fusion_temperature_arg
 from model import TEST_VIEWS, StackMFFV2, depth_map_creation, load_model, model_card_path, write_model_card
 from network_blocks import ConvGRUCell
 from utils import (InputError, depth_colormap, ensure_output_dir, run_cli, write_bytes, write_text,
@@ -153,7 +154,7 @@ def get_args_parser():
                           "(the index rule the loss trained: argmax for mse+ce) for the predict scripts")
     run.add_argument("--export_views", type=int, default=1, choices=TEST_VIEWS,
                      help="test-time views the exported model card asks the predict scripts for")
-    run.add_argument("--export_fusion_temperature", type=float, default=0.0,
+    run.add_argument("--export_fusion_temperature", type=fusion_temperature_arg, default=0.0,
                      help="fusion temperature of the exported model card: 0 picks by index, T > 0 blends "
                           "the slices with softmax(logits / T) (see docs/weights.md for how it was chosen)")
     run.add_argument("--seed", type=int, default=0)
@@ -622,6 +623,7 @@ def run_training(args, runtime: Runtime) -> dict:
               + (f"; resuming after epoch {start_epoch}" if args.resume else ""))
 
     history, clock = [], RunClock(args, steps_per_epoch(train_loader, args), seconds_done)
+    done = start_epoch                  # epochs finished, for the export when a resume has none left
     try:
         for epoch in range(start_epoch, args.num_epochs):
             train_sampler.set_epoch(epoch)

@@ -28,6 +28,7 @@ sys.path.insert(0, str(REPO))
 from fast_inference import fast_focus_logits  # noqa: E402
 from inference import DEFAULT_MODEL  # noqa: E402
 from make_datasets.make_synthetic import make_scene, physical_available  # noqa: E402
+from metrics import psnr as gray_psnr  # noqa: E402
 from model import gather_slices, load_model, multi_view_logits, soft_fusion_weights  # noqa: E402
 from utils import run_cli, stack_to_tensor, to_gray_float  # noqa: E402
 
@@ -43,11 +44,6 @@ def get_args_parser():
     parser.add_argument("--cap", type=float, default=60.0, help="per-stack PSNR cap in dB for the score")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     return parser
-
-
-def fused_psnr(fused: torch.Tensor, aif: np.ndarray) -> float:
-    mse = float(((fused.clamp(0, 1).double().numpy() - aif) ** 2).mean())
-    return float("inf") if mse == 0 else -10 * np.log10(mse)
 
 
 def main(args):
@@ -69,7 +65,8 @@ def main(args):
                         fused = gather_slices(x, model.index_and_depth(logits)[0])
                     else:
                         fused = (soft_fusion_weights(logits, t) * x).sum(dim=1, keepdim=True)
-                    psnr[((blur, n), t)].append(fused_psnr(fused[0, 0], aif))
+                    # metrics.psnr works on the 0..255 scale (the same dB) and gives inf when exact.
+                    psnr[((blur, n), t)].append(gray_psnr(fused[0, 0].clamp(0, 1).numpy() * 255, aif * 255))
                 bar.update()
     names = [f"{blur} {n}" for blur, n in sets]
     print(f"\nmean PSNR (dB) of {args.per_set} stacks per set, seed {args.seed}, {args.size} px; "

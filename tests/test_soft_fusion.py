@@ -127,3 +127,11 @@ def test_shipped_card_blends_and_the_cli_can_pick(tmp_path):
     blended, card_index = outputs["card"]
     assert np.array_equal(card_index, index)                            # the blend leaves the index alone
     assert not np.array_equal(blended, picked)
+
+
+def test_a_bad_temperature_is_one_usage_line(tmp_path):
+    for bad in ("-1", "nan", "warm"):
+        result = subprocess.run([sys.executable, "predict_one_stack.py", "--input_dir", str(tmp_path),
+                                 "--fusion_temperature", bad], cwd=REPO, capture_output=True, text=True)
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert "fusion_temperature must be a number >= 0" in result.stderr.strip().splitlines()[-1]

@@ -238,7 +238,8 @@ class TestTraining:
         summary = train.main(tiny_args(data, tmp_path, "--num_epochs", "1", "--crop", "32", "--rotate",
                                        "--zoom", "1.5", "--contrast", "0.3", "--lr_schedule", "cosine",
                                        "--loss", "mse+ce", "--ce_weight", "1", "--fusion_weight", "1",
-                                       "--distance_weight", "1", "--export", str(export)))
+                                       "--distance_weight", "1", "--export", str(export),
+                                       "--export_fusion_temperature", "0.1"))
         assert summary["history"][0]["train_loss"] > 0
         saved = torch.load(tmp_path / "run" / "last.pth", weights_only=True)
         exported = torch.load(export, weights_only=True)
@@ -248,8 +249,16 @@ class TestTraining:
         assert card["index_rule"] == "argmax" and card["trained_by"] == "train.py"
         assert card["args"]["crop"] == 32 and card["epochs_done"] == 1
         model = load_model(str(export))
-        assert model.index_rule == "argmax"
+        assert model.index_rule == "argmax" and model.fusion_temperature == 0.1
         assert "exported the final weights" in capsys.readouterr().out
+
+    def test_resume_of_a_finished_run_still_exports(self, reference_run, data, tmp_path):
+        export = tmp_path / "w.pth"
+        train.main(tiny_args(data, tmp_path, "--resume", str(reference_run[1] / "last.pth"),
+                             "--export", str(export)))
+        assert json.loads(export.with_suffix(".json").read_text())["epochs_done"] == 2
+        saved = torch.load(reference_run[1] / "last.pth", weights_only=True)["model"]
+        assert all(torch.equal(torch.load(export, weights_only=True)[k], v) for k, v in saved.items())
 
     def test_time_budget_stops_and_still_saves(self, data, tmp_path, capsys):
         # A budget of a few milliseconds runs out at the first check of epoch 1.
