@@ -4,8 +4,8 @@
 feature extractor on all B*N slices at once and keeps every GRU state. This
 module computes the same numbers with the same weights, faster and leaner:
 
-* ``fast_focus_logits``: whole image, the feature extractor slice by slice
-  (channels-last tensors, about 2x faster convolutions on CPU), and a GRU
+* ``fast_focus_logits``: whole image, the feature extractor a few slices at
+  a time on CPU (all at once on GPUs) (channels-last tensors, about 2x faster convolutions on CPU), and a GRU
   computed exactly in small tiles whose states stay in cache (``_gru_tile``),
   its gate convolutions split by linearity,
   ``conv(cat[x, h]) = conv_x(x) + conv_h(h)``. Slices and GRU tiles are
@@ -266,7 +266,7 @@ def _run_all(jobs, workers):
         torch.set_num_threads(saved)
 
 
-def fast_focus_logits(model, x: torch.Tensor, precision: str = "fp32", chunk: int = 2,
+def fast_focus_logits(model, x: torch.Tensor, precision: str = "fp32", chunk: int = None,
                       workers: int = None) -> torch.Tensor:
     """Focus logits of ``model.focus_logits`` computed faster and leaner.
 
@@ -277,10 +277,17 @@ def fast_focus_logits(model, x: torch.Tensor, precision: str = "fp32", chunk: in
     ``workers`` threads (default: torch.get_num_threads() on CPU, 1 on other
     devices) share the slices of the feature extractor (``chunk`` slices a
     job; one with several workers, to bound memory) and the GRU tiles.
+    ``chunk`` defaults to 2 on CPU and to all slices elsewhere: on an H100,
+    chunks of 2 made the fast path 1.3-1.7x slower than the straightforward
+    one (kernel launches), all slices at once about as fast, with 42-60% of
+    its memory (docs/performance.md).
     """
     b, n, h, w = x.shape
+    on_cpu = x.device.type == "cpu"
     if workers is None:
-        workers = torch.get_num_threads() if x.device.type == "cpu" else 1
+        workers = torch.get_num_threads() if on_cpu else 1
+    if chunk is None:
+        chunk = 2 if on_cpu else n
     if workers > 1:
         chunk = 1
     fe = model.feature_extraction
@@ -344,7 +351,7 @@ def _then_return_freed_memory(job):
     return result
 
 
-def fast_outputs(model, x: torch.Tensor, precision: str = "fp32", chunk: int = 2, workers: int = None):
+def fast_outputs(model, x: torch.Tensor, precision: str = "fp32", chunk: int = None, workers: int = None):
     """Same contract as ``StackMFFV2.outputs`` from the stack alone: x (B, N, H, W) ->
     (fused, depth, index, weights or None).
 
@@ -357,7 +364,7 @@ def fast_outputs(model, x: torch.Tensor, precision: str = "fp32", chunk: int = 2
         return model.outputs(x, logits)
 
 
-def fast_forward(model, x: torch.Tensor, precision: str = "fp32", chunk: int = 2, workers: int = None):
+def fast_forward(model, x: torch.Tensor, precision: str = "fp32", chunk: int = None, workers: int = None):
     """Same contract as ``StackMFFV2.forward``: x (B, N, H, W) -> (fused, depth, index)."""
     return fast_outputs(model, x, precision, chunk, workers)[:3]
 

@@ -409,7 +409,8 @@ def steps_per_epoch(loader, args) -> int:
 
 def train_one_epoch(net, loader, optimizer, scaler, runtime: Runtime, epoch: int, args, writer=None,
                     clock: RunClock = None):
-    """One pass over the loader -> (mean loss over processes and steps, whether the time budget ran out).
+    """One pass over the loader -> (mean loss over processes and steps, whether the time budget ran out,
+    steps taken). The mean is nan when the budget ran out before the first step.
 
     With the cosine schedule the learning rate is set before every step. A
     non-finite loss stops the run (InputError with the epoch and step).
@@ -458,7 +459,7 @@ def train_one_epoch(net, loader, optimizer, scaler, runtime: Runtime, epoch: int
         bar.set_postfix(loss=f"{value:.4f}")
         bar.update()
     bar.close()
-    return total / max(count, 1), out_of_time
+    return (total / count if count else math.nan), out_of_time, count
 
 
 @torch.no_grad()
@@ -628,8 +629,14 @@ def run_training(args, runtime: Runtime) -> dict:
         for epoch in range(start_epoch, args.num_epochs):
             train_sampler.set_epoch(epoch)
             start = time.perf_counter()
-            train_loss, out_of_time = train_one_epoch(train_model, train_loader, optimizer, scaler, runtime, epoch,
-                                                      args, log.writer if log else None, clock)
+            train_loss, out_of_time, steps_taken = train_one_epoch(train_model, train_loader, optimizer, scaler,
+                                                                   runtime, epoch, args,
+                                                                   log.writer if log else None, clock)
+            if out_of_time and not steps_taken and done > start_epoch:
+                # The budget ran out between epochs: the last epoch's row and checkpoint stand.
+                if runtime.main:
+                    print(f"the --max_minutes budget ran out after epoch {done}; stopping")
+                break
             lr = optimizer.param_groups[0]["lr"]
             seconds = time.perf_counter() - start
             if args.lr_schedule == "exponential":

@@ -134,6 +134,16 @@ def test_two_workers_match_released(model, cases):
     assert torch.get_num_threads() == 1
 
 
+@pytest.mark.parametrize("chunk", [1, 8])
+def test_feature_chunk_does_not_change_the_result(model, cases, chunk):
+    # GPUs take every slice in one chunk by default, CPUs two: each slice's
+    # statistics are its own, so the chunk must not matter.
+    x = torch.from_numpy(cases["moto_n8_128x160__x"])
+    _, depth, index = fast_forward(model, x, chunk=chunk, workers=1)
+    assert np.abs(depth.numpy() - cases["moto_n8_128x160__depth"]).max() <= 1e-5
+    assert (index.numpy() == cases["moto_n8_128x160__index"]).mean() >= 0.999
+
+
 LEAVES = SHARED / "data" / "stacks" / "JosephLewis_leaves" / "dof_stack" / "leaves"
 
 

@@ -268,6 +268,26 @@ class TestTraining:
         assert (tmp_path / "run" / "last.pth").is_file() and (tmp_path / "w.pth").is_file()
         assert "budget ran out during epoch 1" in capsys.readouterr().out
 
+    def test_budget_spent_between_epochs_adds_no_empty_epoch(self, data, tmp_path, monkeypatch, capsys):
+        original = train.train_one_epoch
+
+        def spent_before_epoch_two(net, loader, optimizer, scaler, runtime, epoch, args, writer=None, clock=None):
+            if epoch == 1:
+                clock.budget = 1e-9     # already spent at the first check of the epoch
+            return original(net, loader, optimizer, scaler, runtime, epoch, args, writer, clock)
+
+        monkeypatch.setattr(train, "train_one_epoch", spent_before_epoch_two)
+        export = tmp_path / "w.pth"
+        summary = train.main(tiny_args(data, tmp_path, "--max_minutes", "10", "--lr_schedule", "cosine",
+                                       "--export", str(export)))
+        assert [h["epoch"] for h in summary["history"]] == [1]
+        assert summary["history"][0]["train_loss"] > 0
+        with open(tmp_path / "run" / "validation.csv", newline="") as f:
+            assert [r["epoch"] for r in csv.DictReader(f)] == ["1"]
+        assert torch.load(tmp_path / "run" / "last.pth", weights_only=True)["epoch"] == 1
+        assert json.loads(export.with_suffix(".json").read_text())["epochs_done"] == 1
+        assert "budget ran out after epoch 1" in capsys.readouterr().out
+
     def test_cli_error_is_one_line(self, tmp_path):
         result = subprocess.run([sys.executable, "train.py", "--train_dataset", str(tmp_path / "no"),
                                  str(tmp_path / "no_depth")], cwd=REPO, capture_output=True, text=True)
