@@ -4,6 +4,8 @@ One dataset ("source") is a pair of folders::
 
     <root>/image_stacks/<scene>/<1..N>.<ext>   focus slices, natural file-name order
     <root>/depth_maps/<scene>.png              8- or 16-bit depth map (0 = slice 1)
+    <root>/all_in_focus/<scene>.png            optional: the all-in-focus image the
+                                               stack was made from (``all_in_focus=True``)
 
 Every slice is read as the Y channel of YCbCr (for 8-bit images this equals
 OpenCV's BGR->GRAY, ITU-R 601 weights, which ``utils.to_gray_float`` applies),
@@ -29,6 +31,7 @@ from utils import InputError, is_image_file, list_images, natural_sort_key, read
 
 STACK_FOLDER = "image_stacks"
 DEPTH_FOLDER = "depth_maps"
+ALL_IN_FOCUS_FOLDER = "all_in_focus"
 
 
 class Augment(NamedTuple):
@@ -51,11 +54,13 @@ class Augment(NamedTuple):
 
 @dataclass(frozen=True)
 class Scene:
-    """One training sample on disk: its slice folder, depth file and slice count."""
+    """One training sample on disk: its slice folder, depth file, slice count and,
+    when the data has one and it is asked for, its all-in-focus image."""
     name: str
     stack_dir: Path
     depth_path: Path
     num_slices: int
+    all_in_focus_path: Path = None
 
 
 def _check_folder(path, role: str) -> Path:
@@ -65,6 +70,37 @@ def _check_folder(path, role: str) -> Path:
     if not path.is_dir():
         raise InputError(f"{role} '{path}' is not a folder")
     return path
+
+
+def _images_by_stem(folder: Path) -> dict:
+    """{file name without extension: path} of the images in ``folder``; a .png wins over
+    other formats of the same name."""
+    files = {}
+    for path in sorted(folder.iterdir(), key=natural_sort_key):
+        if path.is_file() and is_image_file(path) and not path.name.startswith("."):
+            if path.stem not in files or path.suffix.lower() == ".png":
+                files[path.stem] = path
+    return files
+
+
+def _first_names(names) -> str:
+    """The first three names of a list for an error message, '...' when there are more."""
+    return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+
+
+def with_all_in_focus(scenes, depth_root):
+    """The scenes with their all-in-focus images from ``<depth_root>/../all_in_focus/<scene>.<ext>``
+    (make_datasets/make_synthetic.py writes them); InputError when the folder or a file is missing."""
+    folder = Path(depth_root).parent / ALL_IN_FOCUS_FOLDER
+    if not folder.is_dir():
+        raise InputError(f"all-in-focus images asked for, but '{folder}' does not exist (make_synthetic.py "
+                         f"writes it; other data has none)")
+    files = _images_by_stem(folder)
+    missing = [scene.name for scene in scenes if scene.name not in files]
+    if missing:
+        raise InputError(f"{len(missing)} of {len(scenes)} scenes have no all-in-focus image in '{folder}': "
+                         f"{_first_names(missing)}")
+    return [Scene(s.name, s.stack_dir, s.depth_path, s.num_slices, files[s.name]) for s in scenes]
 
 
 def find_scenes(stack_root, depth_root, min_slices: int = 2):
@@ -81,17 +117,11 @@ def find_scenes(stack_root, depth_root, min_slices: int = 2):
     if not scene_dirs:
         raise InputError(f"stack folder '{stack_root}' holds no scene folders "
                          f"(expected {STACK_FOLDER}/<scene>/<1..N>.png)")
-    depth_files = {}
-    for path in sorted(depth_root.iterdir(), key=natural_sort_key):
-        if path.is_file() and is_image_file(path) and not path.name.startswith("."):
-            # A .png wins over other formats of the same scene.
-            if path.stem not in depth_files or path.suffix.lower() == ".png":
-                depth_files[path.stem] = path
+    depth_files = _images_by_stem(depth_root)
     unmatched = [d.name for d in scene_dirs if d.name not in depth_files]
     if unmatched:
-        shown = ", ".join(unmatched[:3]) + (", ..." if len(unmatched) > 3 else "")
         raise InputError(f"{len(unmatched)} of {len(scene_dirs)} scenes in '{stack_root}' have no depth "
-                         f"map in '{depth_root}' (expected <scene>.png): {shown}")
+                         f"map in '{depth_root}' (expected <scene>.png): {_first_names(unmatched)}")
     scenes = []
     for scene_dir in scene_dirs:
         count = len(list_images(scene_dir))
@@ -123,7 +153,9 @@ class FocusStackDataset(Dataset):
     Item ``k`` (or ``(k, hflip, vflip)`` or an ``Augment``, as
     GroupedBatchSampler yields) is (stack (N, S, S) float32 in [0, 1], depth
     (1, S, S) float32 in [0, 1]), with the same changes applied to every
-    slice and the depth map. With ``crop`` > 0 items are cut to crop x crop
+    slice and the depth map. With ``all_in_focus`` the target is (2, S, S):
+    the depth map, then the gray all-in-focus image (``with_all_in_focus``),
+    changed as the slices are. With ``crop`` > 0 items are cut to crop x crop
     (at the centre unless an Augment places the window).
     ``subset_fraction`` keeps a random part of each source, chosen from ``seed``.
     ``cache`` keeps the resized images in memory (per loader worker), which
@@ -131,7 +163,7 @@ class FocusStackDataset(Dataset):
     """
 
     def __init__(self, sources, image_size: int, subset_fraction: float = 1.0, seed: int = 0,
-                 cache: bool = False, crop: int = 0):
+                 cache: bool = False, crop: int = 0, all_in_focus: bool = False):
         if not 0 < subset_fraction <= 1:
             raise InputError(f"subset fraction must be in (0, 1], got {subset_fraction}")
         if not 0 <= crop <= image_size:
@@ -140,6 +172,8 @@ class FocusStackDataset(Dataset):
         self.scenes = []
         for k, (stack_root, depth_root) in enumerate(sources):
             scenes = find_scenes(stack_root, depth_root)
+            if all_in_focus:
+                scenes = with_all_in_focus(scenes, depth_root)
             if subset_fraction < 1:
                 keep = max(1, round(len(scenes) * subset_fraction))
                 chosen = np.random.default_rng([seed, k]).choice(len(scenes), keep, replace=False)
@@ -156,7 +190,8 @@ class FocusStackDataset(Dataset):
         return len(self.scenes)
 
     def _load(self, index: int):
-        """Resized images of one scene: (N gray float32 SxS, depth float32 SxS), all in [0, 1]."""
+        """Resized images of one scene: (N gray float32 SxS, depth float32 SxS, all-in-focus gray
+        float32 SxS or None), all in [0, 1]."""
         if self.cache is not None and index in self.cache:
             return self.cache[index]
         scene, size = self.scenes[index], self.image_size
@@ -171,14 +206,25 @@ class FocusStackDataset(Dataset):
         # Resizing the integer image first keeps the gray conversion and the cache small.
         stack = np.stack([to_gray_float(_resize(image, size)) for image in images])  # (N, S, S)
         depth = to_gray_float(_resize(depth, size))                                  # (S, S)
+        sharp = None
+        if scene.all_in_focus_path is not None:
+            sharp = read_image(scene.all_in_focus_path)
+            if sharp.shape[:2] != images[0].shape[:2]:
+                raise InputError(f"all-in-focus image '{scene.all_in_focus_path}' is {sharp.shape[1]}x"
+                                 f"{sharp.shape[0]} but the slices of '{scene.stack_dir}' are "
+                                 f"{images[0].shape[1]}x{images[0].shape[0]}")
+            sharp = to_gray_float(_resize(sharp, size))
         if self.cache is not None:
-            self.cache[index] = (stack, depth)
-        return stack, depth
+            self.cache[index] = (stack, depth, sharp)
+        return stack, depth, sharp
 
     def __getitem__(self, key):
         key = Augment(int(key)) if isinstance(key, (int, np.integer)) else Augment(*key)
-        stack, depth = self._load(key.index)
+        stack, depth, sharp = self._load(key.index)
+        n = len(stack)
         stack = torch.from_numpy(stack)                 # (N, S, S)
+        if sharp is not None:                           # changed as one more slice, split off at the end
+            stack = torch.cat((stack, torch.from_numpy(sharp)[None]))
         depth = torch.from_numpy(depth)[None]           # (1, S, S)
         out = self.crop or self.image_size
         window = max(2, min(self.image_size, round(out / key.zoom)))
@@ -196,8 +242,10 @@ class FocusStackDataset(Dataset):
         if key.transpose:
             stack, depth = stack.transpose(1, 2), depth.transpose(1, 2)
         if key.contrast != 1.0:
-            mean = stack.mean()
+            mean = stack[:n].mean()
             stack = (stack - mean) * key.contrast + mean
+        if sharp is not None:
+            stack, depth = stack[:n], torch.cat((depth, stack[n:]))
         return stack.contiguous(), depth.contiguous()
 
 

@@ -106,6 +106,10 @@ def get_args_parser():
     data.add_argument("--zoom", type=float, default=1.0,
                       help="enlarge half of the training windows by a factor drawn from [1, zoom] "
                            "(coarser detail and larger blur than the data has; 1: off)")
+    data.add_argument("--all_in_focus", action="store_true",
+                      help="read <root>/all_in_focus/<scene>.png beside depth_maps/ (make_synthetic.py writes "
+                           "it) and make it the target of --fusion_weight's term instead of the slice the "
+                           "ground-truth depth picks, which physical blur contaminates near depth edges")
     data.add_argument("--contrast", type=float, default=1.0,
                       help="scale the contrast of half of the training stacks by a factor drawn log-uniformly "
                            "from [contrast, 1] (weak texture; 1: off)")
@@ -236,10 +240,11 @@ def target_slice_index(target: torch.Tensor, n: int) -> torch.Tensor:
 
 def depth_loss(logits, depth, target, loss: str = "mse", ce_weight: float = 0.1, stack=None,
                fusion_weight: float = 0.0, distance_weight: float = 0.0) -> torch.Tensor:
-    """Released MSE of depth (B, 1, H, W) vs target (B, 1, H, W) in [0, 1], plus for
+    """Released MSE of depth (B, 1, H, W) vs target[:, :1] (B, 1, H, W) in [0, 1], plus for
     ``mse+ce`` a cross-entropy of logits (B, N, H, W) against the ground-truth
     slice index, plus with ``fusion_weight`` an L1 between the softmax-weighted
-    fusion of ``stack`` (B, N, H, W) and its all-in-focus image, plus with
+    fusion of ``stack`` (B, N, H, W) and its all-in-focus image (target[:, 1] when the
+    target has a second channel, else the slice the ground truth picks), plus with
     ``distance_weight`` the expected distance in slices between the softmax's
     slice and the true one.
 
@@ -248,7 +253,7 @@ def depth_loss(logits, depth, target, loss: str = "mse", ce_weight: float = 0.1,
     regions every slice is right, at edges only the sharp one is. The
     distance term makes a far miss cost more than a near one (cross-entropy
     charges both alike), and a far miss is what shows in the fused image."""
-    value = F.mse_loss(depth.float(), target)
+    value = F.mse_loss(depth.float(), target[:, :1])
     n = logits.shape[1]
     if loss == "mse+ce" or fusion_weight or distance_weight:
         slice_index = target_slice_index(target, n)                       # (B, H, W)
@@ -258,7 +263,10 @@ def depth_loss(logits, depth, target, loss: str = "mse", ce_weight: float = 0.1,
         prob = torch.softmax(logits.float(), dim=1)                              # (B, N, H, W)
     if fusion_weight:
         fused = (prob * stack).sum(dim=1)                                        # (B, H, W)
-        all_in_focus = stack.gather(1, slice_index[:, None])[:, 0]             # (B, H, W)
+        if target.shape[1] > 1:
+            all_in_focus = target[:, 1]                                          # (B, H, W)
+        else:
+            all_in_focus = stack.gather(1, slice_index[:, None])[:, 0]         # (B, H, W)
         value = value + fusion_weight * (fused - all_in_focus).abs().mean()
     if distance_weight:
         slices = torch.arange(n, dtype=torch.float32, device=logits.device).view(1, n, 1, 1)
@@ -478,7 +486,7 @@ def evaluate(net: nn.Module, loader, runtime: Runtime, args):
         stack, target = stack.to(device), target.to(device)
         with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
             _, depth = net(stack)
-        error = depth.float() - target
+        error = depth.float() - target[:, :1]
         sums += torch.tensor([error.square().sum().item(), error.abs().sum().item(), error.numel()],
                              dtype=torch.float64)
         if example is None:
@@ -570,7 +578,7 @@ def run_training(args, runtime: Runtime) -> dict:
                          "(or the released --train_stack / --train_depth_continuous)")
     size, world, rank = args.training_image_size, runtime.world_size, runtime.rank
     train_set = FocusStackDataset(train_sources, size, args.subset_fraction_train, args.seed, args.cache_images,
-                                  crop=args.crop)
+                                  crop=args.crop, all_in_focus=args.all_in_focus)
     train_sampler = GroupedBatchSampler(train_set.num_slices, args.batch_size, shuffle=True, augment=True,
                                         seed=args.seed, num_replicas=world, rank=rank, rotate=args.rotate,
                                         crop=args.crop > 0, zoom=args.zoom, contrast=args.contrast)

@@ -14,6 +14,8 @@ Output, the training layout::
 
     <output_dir>/image_stacks/<scene>/<k>.png     k = 1..N, near to far
     <output_dir>/depth_maps/<scene>.png           8-bit ground-truth depth
+    <output_dir>/all_in_focus/<scene>.png         the sharp image the stack was made from
+                                                  (train.py --all_in_focus)
 
 Depth convention: the depth map holds the in-focus slice index k (0-based)
 of every pixel as round(k / (N - 1) * 255), 0 = near. Every stack uses the
@@ -245,14 +247,16 @@ def main(args):
                          "which this checkout does not have yet")
     root = ensure_output_dir(args.output_dir)
     ensure_output_dir(root / "depth_maps")
+    ensure_output_dir(root / "all_in_focus")
     for scene in tqdm(range(args.first, args.first + args.num_stacks), desc="stacks"):
-        slices, depth_map, _ = make_scene(args.seed, scene, args.size,
-                                          (args.min_slices, args.max_slices), args.blur)
+        slices, depth_map, sharp = make_scene(args.seed, scene, args.size,
+                                              (args.min_slices, args.max_slices), args.blur)
         name = f"{args.prefix}_{scene:06d}"
         ensure_output_dir(root / "image_stacks" / name)
         for k, image in enumerate(slices, start=1):
             write_image(root / "image_stacks" / name / f"{k}.png", image)
         write_image(root / "depth_maps" / f"{name}.png", depth_map)
+        write_image(root / "all_in_focus" / f"{name}.png", sharp)
     print(f"wrote {args.num_stacks} stacks to {root}")
 
 

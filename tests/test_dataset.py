@@ -1,4 +1,6 @@
 """dataset.py: folder pairing and errors, item shapes and values, shared flips, grouped batches."""
+from pathlib import Path
+
 import cv2
 import numpy as np
 import pytest
@@ -125,6 +127,43 @@ class TestFocusStackDataset:
         assert torch.equal(faint_depth, depth)
         with pytest.raises(InputError, match="zoom"):
             GroupedBatchSampler([4, 4], 2, zoom=0.5)
+
+    def test_all_in_focus_channel_changes_as_the_slices(self, tmp_path, source):
+        depth_root = source[1]
+        with pytest.raises(InputError, match="all_in_focus.*does not exist"):
+            FocusStackDataset([source], 64, all_in_focus=True)
+        sharp_dir = Path(depth_root).parent / "all_in_focus"
+        sharp_dir.mkdir()
+        try:
+            for k in range(5):          # one scene without: named in the error
+                cv2.imwrite(str(sharp_dir / f"scene{k}.png"), np.full((64, 64), 40 * k, np.uint8))
+            with pytest.raises(InputError, match="1 of 6 scenes have no all-in-focus image.*scene5"):
+                FocusStackDataset([source], 64, all_in_focus=True)
+            gradient = np.tile(np.arange(64, dtype=np.uint8) * 4, (64, 1))
+            cv2.imwrite(str(sharp_dir / "scene5.png"), gradient)
+            plain = FocusStackDataset([source], 64, crop=32)
+            with_sharp = FocusStackDataset([source], 64, crop=32, all_in_focus=True)
+            key = Augment(5, hflip=True, transpose=True, top=0.2, left=0.7, zoom=1.5, contrast=0.5)
+            stack, target = with_sharp[key]
+            plain_stack, plain_depth = plain[key]
+            assert target.shape == (2, 32, 32)
+            assert torch.equal(stack, plain_stack) and torch.equal(target[:1], plain_depth)
+            # The same window, flip, transpose, zoom and contrast as the slices.
+            whole = torch.from_numpy(gradient.astype(np.float32) / 255)
+            room, window = 64 - 21 + 1, 21
+            y, x = int(0.2 * room), int(0.7 * room)
+            part = torch.nn.functional.interpolate(whole[None, None, y:y + window, x:x + window], size=(32, 32),
+                                                   mode="bilinear", align_corners=False)[0, 0]
+            part = part.flip(-1).transpose(0, 1)
+            whole_stack = FocusStackDataset([source], 64)[5][0]
+            unchanged = plain[Augment(5, hflip=True, transpose=True, top=0.2, left=0.7, zoom=1.5)][0]
+            mean = unchanged.mean()
+            torch.testing.assert_close(target[1], (part - mean) * 0.5 + mean)
+            assert whole_stack.shape[0] == stack.shape[0]
+        finally:
+            for path in sharp_dir.iterdir():
+                path.unlink()
+            sharp_dir.rmdir()
 
     def test_subset_fraction_is_random_but_reproducible(self, source):
         half = FocusStackDataset([source], 32, subset_fraction=0.5, seed=3)

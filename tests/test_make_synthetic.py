@@ -85,6 +85,9 @@ class TestCommandLine:
             depth = read_image(out / "depth_maps" / f"{scene}.png")
             assert depth.shape == (64, 64) and depth.dtype == np.uint8
             assert depth.min() == 0 and depth.max() == 255
+            sharp = read_image(out / "all_in_focus" / f"{scene}.png")
+            image = ms.make_scene(11, int(scene[-6:]), 64, (2, 5), "released")[2]
+            assert np.array_equal(sharp, image)
         first = (out / "depth_maps" / "syn_000001.png").read_bytes()
         r = run_script("--output_dir", tmp_path / "again", "--num_stacks", 1, "--first", 1, "--size", 64,
                        "--min_slices", 2, "--max_slices", 5, "--seed", 11)

@@ -128,6 +128,21 @@ class TestInitAndLoss:
         right = wrong.flip(1)
         assert train.depth_loss(right, depth, target, "mse", stack=stack, fusion_weight=2.0) < 1e-12
 
+    def test_fusion_term_uses_the_all_in_focus_channel_when_given(self):
+        # Both slices are 0.5 away from the sharp image: picking either costs 0.5 per pixel, while
+        # the gathered-slice target would cost nothing for the ground-truth slice.
+        stack = torch.zeros(1, 2, 4, 4)
+        stack[0, 1] = 1.0
+        target = torch.cat((torch.ones(1, 1, 4, 4), torch.full((1, 1, 4, 4), 0.5)), dim=1)
+        depth = torch.ones(1, 1, 4, 4)
+        right = torch.zeros(1, 2, 4, 4)
+        right[:, 1] = 50.0                                   # confidently the ground-truth slice
+        assert train.depth_loss(right, depth, target[:, :1], "mse", stack=stack, fusion_weight=2.0) < 1e-12
+        torch.testing.assert_close(train.depth_loss(right, depth, target, "mse", stack=stack, fusion_weight=2.0),
+                                   torch.tensor(2.0 * 0.5))
+        even = torch.zeros(1, 2, 4, 4)                       # an even blend is the sharp image here
+        assert train.depth_loss(even, depth, target, "mse", stack=stack, fusion_weight=2.0) < 1e-12
+
     def test_distance_term_charges_far_misses_more(self):
         target = torch.zeros(1, 1, 2, 2)                     # truth: slice 0 of 4 everywhere
         depth = torch.zeros(1, 1, 2, 2)
