@@ -39,6 +39,8 @@ from utils import (InputError, depth_colormap, ensure_output_dir, run_cli, write
 
 RELEASED_SLOTS = 5          # --train_stack, --train_stack_2 ... --train_stack_5
 LOSSES = ("mse", "mse+ce")
+CE_TARGETS = ("true", "sharpest")
+SPOILT_MARGIN = 0.02        # gray levels in [0, 1]: how much worse the true slice must be to be replaced
 LR_SCHEDULES = ("exponential", "cosine")
 COSINE_FLOOR = 0.05         # the cosine schedule ends at this fraction of --lr
 TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes", "y", "on"), ("false", "0", "no", "n", "off")
@@ -58,6 +60,14 @@ def training_size(text) -> int:
     size = int(text)
     if size < 32 or size % 32:
         raise argparse.ArgumentTypeError(f"the training size must be a positive multiple of 32, got {size}")
+    return size
+
+
+def crop_size(text) -> int:
+    size = int(text)
+    if size and (size < 32 or size % 32):
+        raise argparse.ArgumentTypeError(f"the crop must be 0 (off) or a positive multiple of 32 (the network "
+                                         f"halves the image 5 times), got {size}")
     return size
 
 
@@ -98,7 +108,7 @@ def get_args_parser():
     data.add_argument("--num_workers", type=int, default=2, help="data loader processes (0: load in the main one)")
     data.add_argument("--cache_images", action="store_true",
                       help="keep resized images in memory after the first epoch (each worker holds its own copy)")
-    data.add_argument("--crop", type=int, default=0,
+    data.add_argument("--crop", type=crop_size, default=0,
                       help="train on random crop x crop windows of the resized stacks (0: whole; validation "
                            "always sees whole stacks)")
     data.add_argument("--rotate", action="store_true",
@@ -131,6 +141,10 @@ def get_args_parser():
                        help="mse: released (normalised depth vs depth/255); mse+ce: plus a cross-entropy of "
                             "the focus logits against the ground-truth slice index")
     optim.add_argument("--ce_weight", type=float, default=0.1, help="weight of the cross-entropy term (mse+ce)")
+    optim.add_argument("--ce_target", choices=CE_TARGETS, default="true",
+                       help="slice the cross-entropy and the distance term aim at: true = of the ground-truth "
+                            "depth; sharpest = the one closest to the all-in-focus image where the true slice "
+                            f"is more than {SPOILT_MARGIN:g} further from it (needs --all_in_focus)")
     optim.add_argument("--fusion_weight", type=float, default=0.0,
                        help="weight of an L1 term between the softmax-weighted fused image and the all-in-focus "
                             "image (the slice picked by the ground truth at every pixel); 0: off")
@@ -238,15 +252,28 @@ def target_slice_index(target: torch.Tensor, n: int) -> torch.Tensor:
     return (target[:, 0] * n).floor().clamp(0, n - 1).long()
 
 
+def sharpest_slice_index(stack: torch.Tensor, all_in_focus: torch.Tensor, true_index: torch.Tensor,
+                         margin: float = SPOILT_MARGIN) -> torch.Tensor:
+    """The true slice index (B, H, W), except where that slice is spoilt (physical blur spills a
+    near object's blur over far pixels): there, the slice closest to the all-in-focus image, when
+    it is more than ``margin`` closer than the true one. Elsewhere (flat areas, where every slice
+    is as close) the true index stays."""
+    error = (stack - all_in_focus[:, None]).abs()                                # (B, N, H, W)
+    best_error, best = error.min(dim=1)
+    true_error = error.gather(1, true_index[:, None])[:, 0]
+    return torch.where(true_error > best_error + margin, best, true_index)
+
+
 def depth_loss(logits, depth, target, loss: str = "mse", ce_weight: float = 0.1, stack=None,
-               fusion_weight: float = 0.0, distance_weight: float = 0.0) -> torch.Tensor:
+               fusion_weight: float = 0.0, distance_weight: float = 0.0, ce_target: str = "true") -> torch.Tensor:
     """Released MSE of depth (B, 1, H, W) vs target[:, :1] (B, 1, H, W) in [0, 1], plus for
     ``mse+ce`` a cross-entropy of logits (B, N, H, W) against the ground-truth
     slice index, plus with ``fusion_weight`` an L1 between the softmax-weighted
     fusion of ``stack`` (B, N, H, W) and its all-in-focus image (target[:, 1] when the
     target has a second channel, else the slice the ground truth picks), plus with
     ``distance_weight`` the expected distance in slices between the softmax's
-    slice and the true one.
+    slice and the true one. ``ce_target`` 'sharpest' aims the cross-entropy and
+    the distance term at ``sharpest_slice_index`` instead of the true slice.
 
     The fusion term weighs each pixel by how much a wrong slice would change
     the fused image, which is what the fused image's PSNR measures: in flat
@@ -257,8 +284,14 @@ def depth_loss(logits, depth, target, loss: str = "mse", ce_weight: float = 0.1,
     n = logits.shape[1]
     if loss == "mse+ce" or fusion_weight or distance_weight:
         slice_index = target_slice_index(target, n)                       # (B, H, W)
+        if ce_target == "sharpest":
+            if target.shape[1] < 2:
+                raise InputError("--ce_target sharpest needs the all-in-focus images (--all_in_focus)")
+            aimed_index = sharpest_slice_index(stack.float(), target[:, 1], slice_index)
+        else:
+            aimed_index = slice_index
     if loss == "mse+ce":
-        value = value + ce_weight * F.cross_entropy(logits.float(), slice_index)
+        value = value + ce_weight * F.cross_entropy(logits.float(), aimed_index)
     if fusion_weight or distance_weight:
         prob = torch.softmax(logits.float(), dim=1)                              # (B, N, H, W)
     if fusion_weight:
@@ -270,7 +303,7 @@ def depth_loss(logits, depth, target, loss: str = "mse", ce_weight: float = 0.1,
         value = value + fusion_weight * (fused - all_in_focus).abs().mean()
     if distance_weight:
         slices = torch.arange(n, dtype=torch.float32, device=logits.device).view(1, n, 1, 1)
-        distance = (slices - slice_index[:, None].float()).abs()                 # (B, N, H, W)
+        distance = (slices - aimed_index[:, None].float()).abs()                 # (B, N, H, W)
         value = value + distance_weight * (prob * distance).sum(dim=1).mean()
     return value
 
@@ -447,7 +480,7 @@ def train_one_epoch(net, loader, optimizer, scaler, runtime: Runtime, epoch: int
         with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
             logits, depth = net(stack)
         loss = depth_loss(logits, depth, target, args.loss, args.ce_weight, stack, args.fusion_weight,
-                          args.distance_weight)
+                          args.distance_weight, args.ce_target)
         value = loss.detach().float()
         if runtime.distributed:  # every process must take the same decision below
             dist.all_reduce(value)
@@ -573,6 +606,8 @@ def run_training(args, runtime: Runtime) -> dict:
         torch.set_num_threads(args.num_threads)
     seed_everything(args.seed)
     train_sources, val_sources = dataset_sources(args, "train"), dataset_sources(args, "val")
+    if args.ce_target == "sharpest" and not args.all_in_focus:
+        raise InputError("--ce_target sharpest needs --all_in_focus (the sharp images it compares with)")
     if not train_sources:
         raise InputError("no training data: give --train_dataset STACK_DIR DEPTH_DIR "
                          "(or the released --train_stack / --train_depth_continuous)")

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import torch.nn as nn
 
 import train
@@ -142,6 +143,33 @@ class TestInitAndLoss:
                                    torch.tensor(2.0 * 0.5))
         even = torch.zeros(1, 2, 4, 4)                       # an even blend is the sharp image here
         assert train.depth_loss(even, depth, target, "mse", stack=stack, fusion_weight=2.0) < 1e-12
+
+    def test_sharpest_target_replaces_only_spoilt_true_slices(self):
+        # 3 slices, 1 x 3 pixels; the truth is slice 2 everywhere. Pixel 0: slice 2 is spoilt
+        # (0.3 off), slice 0 is exact -> 0. Pixel 1: every slice is as close (flat) -> stays 2.
+        # Pixel 2: slice 1 is closer, but by less than the margin -> stays 2.
+        stack = torch.tensor([[[[0.5, 0.2, 0.0]], [[0.9, 0.2, 0.50]], [[0.8, 0.2, 0.51]]]])
+        sharp = torch.tensor([[[0.5, 0.2, 0.50]]])
+        true_index = torch.full((1, 1, 3), 2)
+        assert train.sharpest_slice_index(stack, sharp, true_index).tolist() == [[[0, 2, 2]]]
+        target = torch.cat((torch.ones(1, 1, 1, 3), sharp[:, None]), dim=1)    # depth 1 -> last slice
+        logits = torch.randn(1, 3, 1, 3)
+        depth = torch.ones(1, 1, 1, 3)
+        expected = F.cross_entropy(logits, torch.tensor([[[0, 2, 2]]]))
+        torch.testing.assert_close(train.depth_loss(logits, depth, target, "mse+ce", ce_weight=1.0, stack=stack,
+                                                    ce_target="sharpest"), expected)
+        with pytest.raises(InputError, match="needs the all-in-focus"):
+            train.depth_loss(logits, depth, target[:, :1], "mse+ce", stack=stack, ce_target="sharpest")
+
+    def test_crop_not_a_multiple_of_32_is_one_usage_line(self, tmp_path):
+        result = subprocess.run([sys.executable, "train.py", "--train_dataset", str(tmp_path), str(tmp_path),
+                                 "--crop", "48"], cwd=REPO, capture_output=True, text=True)
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert "the crop must be 0 (off) or a positive multiple of 32" in result.stderr
+
+    def test_sharpest_target_without_all_in_focus_is_refused(self, data, tmp_path):
+        with pytest.raises(InputError, match="--ce_target sharpest needs --all_in_focus"):
+            train.main(tiny_args(data, tmp_path, "--loss", "mse+ce", "--ce_target", "sharpest"))
 
     def test_distance_term_charges_far_misses_more(self):
         target = torch.zeros(1, 1, 2, 2)                     # truth: slice 0 of 4 everywhere
