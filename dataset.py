@@ -199,24 +199,23 @@ class FocusStackDataset(Dataset):
         if len(images) != scene.num_slices:
             raise InputError(f"scene '{scene.stack_dir}' changed while training: {len(images)} slices "
                              f"instead of {scene.num_slices}")
-        depth = read_image(scene.depth_path)
-        if depth.shape[:2] != images[0].shape[:2]:
-            raise InputError(f"depth map '{scene.depth_path}' is {depth.shape[1]}x{depth.shape[0]} but the "
-                             f"slices of '{scene.stack_dir}' are {images[0].shape[1]}x{images[0].shape[0]}")
         # Resizing the integer image first keeps the gray conversion and the cache small.
         stack = np.stack([to_gray_float(_resize(image, size)) for image in images])  # (N, S, S)
-        depth = to_gray_float(_resize(depth, size))                                  # (S, S)
+        depth = self._read_beside(scene.depth_path, "depth map", scene, images[0].shape)   # (S, S)
         sharp = None
         if scene.all_in_focus_path is not None:
-            sharp = read_image(scene.all_in_focus_path)
-            if sharp.shape[:2] != images[0].shape[:2]:
-                raise InputError(f"all-in-focus image '{scene.all_in_focus_path}' is {sharp.shape[1]}x"
-                                 f"{sharp.shape[0]} but the slices of '{scene.stack_dir}' are "
-                                 f"{images[0].shape[1]}x{images[0].shape[0]}")
-            sharp = to_gray_float(_resize(sharp, size))
+            sharp = self._read_beside(scene.all_in_focus_path, "all-in-focus image", scene, images[0].shape)
         if self.cache is not None:
             self.cache[index] = (stack, depth, sharp)
         return stack, depth, sharp
+
+    def _read_beside(self, path, role: str, scene: Scene, slice_shape) -> np.ndarray:
+        """An image that must match the scene's slices in size, as gray float32 S x S in [0, 1]."""
+        image = read_image(path)
+        if image.shape[:2] != slice_shape[:2]:
+            raise InputError(f"{role} '{path}' is {image.shape[1]}x{image.shape[0]} but the slices of "
+                             f"'{scene.stack_dir}' are {slice_shape[1]}x{slice_shape[0]}")
+        return to_gray_float(_resize(image, self.image_size))
 
     def __getitem__(self, key):
         key = Augment(int(key)) if isinstance(key, (int, np.integer)) else Augment(*key)
