@@ -388,7 +388,8 @@ def run_batch_inference(args, find_scenes: Callable[[Path], List[Scene]], revers
     try:
         device = rank_device(args.device, ranks)
         model = load_model(args.model_path, device, index_rule=args.index_rule, views=args.views,
-                           fusion_temperature=args.fusion_temperature)
+                           fusion_temperature=args.fusion_temperature, focus_prior=args.focus_prior,
+                           depth_window=args.depth_window)
         # One tiny untimed pass pays the libraries' one-off start-up (kernel
         # selection, allocator), which would otherwise land on the first stack.
         fuse_gray_batch(model, torch.zeros(1, 2, 32, 32), device)

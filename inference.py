@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from fast_inference import PRECISIONS, fast_outputs, tiled_forward
-from model import INDEX_RULES, TEST_VIEWS, checked_fusion_temperature
+from model import INDEX_RULES, TEST_VIEWS, checked_depth_window, checked_focus_prior, checked_fusion_temperature
 from utils import (depth_colormap, dtype_max, index_picture, resize_back, resize_to_multiple,
                    stack_to_tensor, to_gray, to_uint8, write_image, write_npy)
 
@@ -24,12 +24,19 @@ from utils import (depth_colormap, dtype_max, index_picture, resize_back, resize
 DEFAULT_MODEL = Path(__file__).resolve().parent / "weights" / "stackmffv2_synthetic.pth"
 
 
-def fusion_temperature_arg(text) -> float:
-    """argparse type of --fusion_temperature: one clear usage error for a bad value."""
-    try:
-        return checked_fusion_temperature(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+def _argparse_type(check):
+    """An argparse type from a model.checked_* function: one clear usage error for a bad value."""
+    def parse(text):
+        try:
+            return check(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return parse
+
+
+fusion_temperature_arg = _argparse_type(checked_fusion_temperature)
+focus_prior_arg = _argparse_type(checked_focus_prior)
+depth_window_arg = _argparse_type(checked_depth_window)
 
 
 def add_model_arguments(group):
@@ -47,6 +54,16 @@ def add_model_arguments(group):
                        help="0 takes each pixel from the slice the index names (released); T > 0 blends the "
                             "slices with softmax(focus logits / T) weights (default: the model card's, else 0; "
                             "--max_memory tiles pick by index)")
+    # Two refinements of the blend (model.soft_fusion_weights); a pick by index ignores them.
+    for flag, parse, what in (
+            ("--focus_prior", focus_prior_arg,
+             "p > 0 multiplies each slice's blend weight by its local sharpness (squared Laplacian) to the power "
+             "p, so that among the slices the network finds likely the sharpest wins"),
+            ("--depth_window", depth_window_arg,
+             "w > 0 keeps the blend within about w slices of the expected slice number, so that at the edge of "
+             "a near object it takes the slices between the two depths")):
+        group.add_argument(flag, type=parse, default=None,
+                           help=what + "; needs a fusion temperature > 0 (default: the model card's, else 0)")
     group.add_argument("--device", type=str, default=None,
                        help="cpu, cuda, cuda:1, mps (default: best available; under torchrun cuda:<LOCAL_RANK>)")
     group.add_argument("--max_memory", type=float, default=None,

@@ -14,6 +14,7 @@ The fused image takes, at every pixel, the slice at the rounded depth.
 """
 import json
 import os
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -170,28 +171,97 @@ def multi_view_logits(logits_fn, x: torch.Tensor, views: int = 1) -> torch.Tenso
     return total / views if views > 1 else total
 
 
+def checked_non_negative(value, name: str) -> float:
+    """``value`` as a float >= 0, else ValueError naming ``name``."""
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number >= 0, got {value!r}") from None
+    if not number >= 0:                           # also NaN
+        raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+    return number
+
+
 def checked_fusion_temperature(value) -> float:
     """``value`` as a float >= 0 (0: pick by index), else ValueError saying so."""
-    if isinstance(value, bool):
-        raise ValueError(f"fusion_temperature must be a number >= 0, got {value!r}")
-    try:
-        temperature = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"fusion_temperature must be a number >= 0, got {value!r}") from None
-    if not temperature >= 0:                      # also NaN
-        raise ValueError(f"fusion_temperature must be a number >= 0, got {value!r}")
-    return temperature
+    return checked_non_negative(value, "fusion_temperature")
 
 
-def soft_fusion_weights(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+def checked_focus_prior(value) -> float:
+    """``value`` as a float >= 0 (0: the network's weights alone), else ValueError saying so."""
+    return checked_non_negative(value, "focus_prior")
+
+
+def checked_depth_window(value) -> float:
+    """``value`` as a float >= 0 (0: no window), else ValueError saying so."""
+    return checked_non_negative(value, "depth_window")
+
+
+# The focus prior's local sharpness: squared 4-neighbour Laplacian, smoothed
+# by a Gaussian of this sigma (pixels), plus a floor (squared Laplacian of
+# [0, 1] images, about that of 2-gray-level sensor noise) so that where no
+# slice has more than noise the network's weights stay: a prior that chased
+# the noisiest slice there would undo the blend's averaging. Both were
+# chosen on held-out synthetic stacks, clean and with that noise added
+# (docs/weights.md).
+FOCUS_ENERGY_SIGMA = 0.5
+FOCUS_ENERGY_FLOOR = 1e-3
+
+
+def _gaussian_taps(sigma: float) -> torch.Tensor:
+    radius = max(1, int(round(4 * sigma)))
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    taps = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    return taps / taps.sum()
+
+
+def focus_energy(x: torch.Tensor, sigma: float = FOCUS_ENERGY_SIGMA) -> torch.Tensor:
+    """Local sharpness of every slice: x (B, N, H, W) -> (B, N, H, W) >= 0, float32.
+
+    Edge pixels are repeated at the border, so any size works."""
+    b, n, h, w = x.shape
+    padded = F.pad(x.reshape(b * n, 1, h, w).float(), (1, 1, 1, 1), mode="replicate")
+    laplacian = (padded[..., :-2, 1:-1] + padded[..., 2:, 1:-1] + padded[..., 1:-1, :-2] + padded[..., 1:-1, 2:]
+                 - 4 * padded[..., 1:-1, 1:-1])
+    taps = _gaussian_taps(sigma).to(x.device)
+    r = len(taps) // 2
+    energy = F.conv2d(F.pad(laplacian ** 2, (r, r, 0, 0), mode="replicate"), taps.view(1, 1, 1, -1))
+    energy = F.conv2d(F.pad(energy, (0, 0, r, r), mode="replicate"), taps.view(1, 1, -1, 1))
+    return energy.reshape(b, n, h, w)
+
+
+def soft_fusion_weights(logits: torch.Tensor, temperature: float, stack: torch.Tensor = None,
+                        focus_prior: float = 0.0, depth_window: float = 0.0) -> torch.Tensor:
     """Per-slice fusion weights softmax(logits / temperature) over the slice axis (dim 1).
 
     A blend instead of a pick: where the network hesitates between slices
     that look alike the mean of the likely ones is closer to the truth than
     either (the shipped weights were trained with this blend as a loss term).
     Small temperatures approach the argmax pick.
+
+    ``depth_window`` w > 0 also multiplies each slice's weight by a Gaussian
+    of width w slices around the expected slice number (the released depth
+    before its min-max): where the network sees two depths at once, at the
+    edge of a near object, the blend moves to the slices between them. With
+    real optics that is right: focused on the far side, the near object's
+    blur spills over the far pixels, so the far slice is not sharp there.
+
+    ``focus_prior`` p > 0 multiplies each slice's weight by its local
+    sharpness (``focus_energy`` of ``stack``) to the power p before
+    normalising: among the slices the network finds likely, the one with
+    the finest detail at that pixel wins. The network places the depth; the
+    pixels themselves say which of the neighbouring slices is sharpest.
     """
-    return torch.softmax(logits / temperature, dim=1)
+    scores = logits.float() / temperature
+    if depth_window:
+        slices = torch.arange(logits.shape[1], dtype=torch.float32, device=logits.device).view(1, -1, 1, 1)
+        expected = (torch.softmax(logits.float(), dim=1) * slices).sum(dim=1, keepdim=True)
+        scores = scores - (slices - expected) ** 2 / (2 * depth_window ** 2)
+    if focus_prior:
+        scores = scores + focus_prior * torch.log(focus_energy(stack) + FOCUS_ENERGY_FLOOR)
+    return torch.softmax(scores, dim=1)
 
 
 class StackMFFV2(nn.Module):
@@ -203,10 +273,13 @@ class StackMFFV2(nn.Module):
     ``views`` one of TEST_VIEWS (1, the released single pass, unless the
     model card asks for more). ``fusion_temperature`` 0 picks each pixel
     from the slice named by the index (released); above 0 the fused image
-    blends the slices with ``soft_fusion_weights``.
+    blends the slices with ``soft_fusion_weights``, kept near the expected
+    slice with ``depth_window`` and sharpened by the pixels' own detail with
+    ``focus_prior`` above 0.
     """
 
-    def __init__(self, index_rule: str = "minmax_round", views: int = 1, fusion_temperature: float = 0.0):
+    def __init__(self, index_rule: str = "minmax_round", views: int = 1, fusion_temperature: float = 0.0,
+                 focus_prior: float = 0.0, depth_window: float = 0.0):
         super().__init__()
         if index_rule not in INDEX_RULES:
             raise ValueError(f"index_rule must be one of {INDEX_RULES}, got {index_rule!r}")
@@ -214,6 +287,8 @@ class StackMFFV2(nn.Module):
             raise ValueError(f"views must be one of {TEST_VIEWS}, got {views!r}")
         self.index_rule, self.views = index_rule, views
         self.fusion_temperature = checked_fusion_temperature(fusion_temperature)
+        self.focus_prior = checked_focus_prior(focus_prior)
+        self.depth_window = checked_depth_window(depth_window)
         self.feature_extraction = FeatureExtraction()
         self.layer_interaction = LayerInteraction()
 
@@ -237,7 +312,7 @@ class StackMFFV2(nn.Module):
         index, depth = self.index_and_depth(logits)                  # (B, H, W), (B, 1, H, W)
         if not self.fusion_temperature:
             return gather_slices(x, index), depth, index, None
-        weights = soft_fusion_weights(logits, self.fusion_temperature)
+        weights = soft_fusion_weights(logits, self.fusion_temperature, x, self.focus_prior, self.depth_window)
         return (weights * x).sum(dim=1, keepdim=True), depth, index, weights
 
     def index_and_depth(self, logits: torch.Tensor):
@@ -304,46 +379,63 @@ def write_model_card(path, card: dict):
     write_text(model_card_path(path), json.dumps(card, indent=2, sort_keys=True) + "\n")
 
 
-def read_inference_settings(path):
-    """(index_rule, views, fusion_temperature) recorded in the model card beside a checkpoint,
-    else the released ("minmax_round", 1, 0.0)."""
+class InferenceSettings(NamedTuple):
+    """How a checkpoint is meant to be run (its model card), else the released way."""
+    index_rule: str = "minmax_round"
+    views: int = 1
+    fusion_temperature: float = 0.0
+    focus_prior: float = 0.0
+    depth_window: float = 0.0
+
+
+def _card_number(card: dict, key: str, check, card_path: str) -> float:
+    raw = card.get(key, 0.0)
+    try:
+        if isinstance(raw, str):                  # JSON must hold a number, not text that parses as one
+            raise ValueError(raw)
+        return check(raw)
+    except ValueError:
+        raise CheckpointError(f"model card {card_path!r} has {key} {raw!r}; a number >= 0 is needed") from None
+
+
+def read_inference_settings(path) -> InferenceSettings:
+    """The InferenceSettings recorded in the model card beside a checkpoint, else the released ones."""
     card_path = model_card_path(path)
     if not os.path.isfile(card_path):
-        return "minmax_round", 1, 0.0
+        return InferenceSettings()
     try:
         with open(card_path, encoding="utf-8") as f:
             card = json.load(f)
         rule, views = card.get("index_rule", "minmax_round"), card.get("views", 1)
-        raw_temperature = card.get("fusion_temperature", 0.0)
     except (OSError, ValueError, AttributeError) as exc:
         raise CheckpointError(f"model card {card_path!r} is not readable JSON ({type(exc).__name__})") from None
     if rule not in INDEX_RULES:
         raise CheckpointError(f"model card {card_path!r} names an unknown index_rule {rule!r}")
     if views not in TEST_VIEWS:
         raise CheckpointError(f"model card {card_path!r} asks for {views!r} views; one of {TEST_VIEWS} is needed")
-    try:
-        if isinstance(raw_temperature, str):      # JSON must hold a number, not text that parses as one
-            raise ValueError(raw_temperature)
-        temperature = checked_fusion_temperature(raw_temperature)
-    except ValueError:
-        raise CheckpointError(f"model card {card_path!r} has fusion_temperature {raw_temperature!r}; "
-                              "a number >= 0 is needed") from None
-    return rule, views, temperature
+    return InferenceSettings(rule, views,
+                             _card_number(card, "fusion_temperature", checked_fusion_temperature, card_path),
+                             _card_number(card, "focus_prior", checked_focus_prior, card_path),
+                             _card_number(card, "depth_window", checked_depth_window, card_path))
 
 
-def load_model(path, device="cpu", index_rule=None, views=None, fusion_temperature=None) -> StackMFFV2:
+def load_model(path, device="cpu", index_rule=None, views=None, fusion_temperature=None,
+               focus_prior=None, depth_window=None) -> StackMFFV2:
     """Build StackMFFV2 from a checkpoint: load on CPU, strict, then move and eval().
 
-    ``index_rule``, ``views`` and ``fusion_temperature`` None take what the
-    JSON model card beside the checkpoint (``model_card_path``) records,
-    else the released "minmax_round", 1 view and 0 (pick by index).
+    ``index_rule``, ``views``, ``fusion_temperature``, ``focus_prior`` and
+    ``depth_window`` None take what the JSON model card beside the
+    checkpoint (``model_card_path``) records, else the released
+    "minmax_round", 1 view and 0 (pick by index).
     Raises CheckpointError with one sentence naming the file when it is
     missing, not a checkpoint, or the weights of another architecture.
     """
     state_dict = read_state_dict(path)
-    card_rule, card_views, card_temperature = read_inference_settings(path)
-    model = StackMFFV2(index_rule or card_rule, views or card_views,
-                       card_temperature if fusion_temperature is None else fusion_temperature)
+    card = read_inference_settings(path)
+    model = StackMFFV2(index_rule or card.index_rule, views or card.views,
+                       card.fusion_temperature if fusion_temperature is None else fusion_temperature,
+                       card.focus_prior if focus_prior is None else focus_prior,
+                       card.depth_window if depth_window is None else depth_window)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))

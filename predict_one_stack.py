@@ -43,7 +43,8 @@ def main(args):
     if args.align != "none":
         images = align_stack(images, method=args.align, progress=True)
     model = load_model(args.model_path, device, index_rule=args.index_rule, views=args.views,
-                       fusion_temperature=args.fusion_temperature)
+                       fusion_temperature=args.fusion_temperature, focus_prior=args.focus_prior,
+                       depth_window=args.depth_window)
     output_dir = ensure_output_dir(args.output_dir)
     start = time.perf_counter()
     result = fuse_images(model, images, device, args.max_memory, args.precision)

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dataset import FocusStackDataset, GroupedBatchSampler, dataset_name
-from inference import fusion_temperature_arg
+from inference import depth_window_arg, focus_prior_arg, fusion_temperature_arg
 from model import TEST_VIEWS, StackMFFV2, depth_map_creation, load_model, model_card_path, write_model_card
 from network_blocks import ConvGRUCell
 from utils import (InputError, depth_colormap, ensure_output_dir, run_cli, write_bytes, write_text,
@@ -175,6 +175,10 @@ def get_args_parser():
     run.add_argument("--export_fusion_temperature", type=fusion_temperature_arg, default=0.0,
                      help="fusion temperature of the exported model card: 0 picks by index, T > 0 blends "
                           "the slices with softmax(logits / T) (see docs/weights.md for how it was chosen)")
+    run.add_argument("--export_focus_prior", type=focus_prior_arg, default=0.0,
+                     help="focus prior of the exported model card (0: none; see docs/weights.md)")
+    run.add_argument("--export_depth_window", type=depth_window_arg, default=0.0,
+                     help="depth window of the exported model card (0: none; see docs/weights.md)")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--device", type=str, default=None, help="cpu, cuda, cuda:1, mps (default: best available)")
     run.add_argument("--num_threads", type=int, default=None, help="CPU threads for PyTorch (default: its own)")
@@ -735,6 +739,7 @@ def export_weights(model: StackMFFV2, args, commit: str, seconds: float, epochs:
     save_checkpoint(path, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
     write_model_card(path, {"index_rule": "argmax" if args.loss == "mse+ce" else "minmax_round",
                             "views": args.export_views, "fusion_temperature": args.export_fusion_temperature,
+                            "focus_prior": args.export_focus_prior, "depth_window": args.export_depth_window,
                             "trained_by": "train.py", "git_commit": commit, "epochs_done": epochs,
                             "train_seconds": round(seconds), "torch": torch.__version__, "args": vars(args)})
     print(f"exported the final weights to {path} (model card {Path(model_card_path(path)).name})")

@@ -59,6 +59,10 @@ def get_args_parser():
                         help="also run each network (with its own rule) with these numbers of test-time views")
     models.add_argument("--extra_fusion", type=float, nargs="+", default=[], metavar="T",
                         help="also run each network with these fusion temperatures (0: pick by index)")
+    models.add_argument("--extra_focus_prior", type=float, nargs="+", default=[], metavar="P",
+                        help="also run each network with these focus priors (0: none)")
+    models.add_argument("--extra_depth_window", type=float, nargs="+", default=[], metavar="W",
+                        help="also run each network with these depth windows (0: none)")
     gt = parser.add_argument_group("ground-truth sets")
     gt.add_argument("--slices", type=int, nargs="+", default=[8, 16], help="stack lengths")
     gt.add_argument("--crop", type=int, nargs=2, default=[256, 320], metavar=("H", "W"), help="crop size")
@@ -138,18 +142,20 @@ def make_fusers(args):
         if not Path(path).is_file():
             print(f"{name} skipped: {path} does not exist")
             continue
-        rule, views, temperature = read_inference_settings(path)
-        variants = [(rule, views, temperature, name)]
+        card = read_inference_settings(path)
+        variants = [(card, name)]
         if args.extra_rules:
-            variants += [(r, views, temperature, f"{name} ({r})") for r in INDEX_RULES if r != rule]
-        variants += [(rule, v, temperature, f"{name} ({v} view{'s' * (v > 1)})")
-                     for v in args.extra_views if v != views]
-        variants += [(rule, views, t, f"{name} ({'pick' if t == 0 else f'soft T={t:g}'})")
-                     for t in args.extra_fusion if t != temperature]
-        for variant_rule, variant_views, variant_temperature, label in variants:
-            model = load_model(path, "cpu", index_rule=variant_rule, views=variant_views,
-                               fusion_temperature=variant_temperature)
-            fusers.append((label, network_fuser(model)))
+            variants += [(card._replace(index_rule=r), f"{name} ({r})") for r in INDEX_RULES if r != card.index_rule]
+        variants += [(card._replace(views=v), f"{name} ({v} view{'s' * (v > 1)})")
+                     for v in args.extra_views if v != card.views]
+        variants += [(card._replace(fusion_temperature=t), f"{name} ({'pick' if t == 0 else f'soft T={t:g}'})")
+                     for t in args.extra_fusion if t != card.fusion_temperature]
+        variants += [(card._replace(focus_prior=p), f"{name} (focus prior {p:g})")
+                     for p in args.extra_focus_prior if p != card.focus_prior]
+        variants += [(card._replace(depth_window=w), f"{name} (depth window {w:g})")
+                     for w in args.extra_depth_window if w != card.depth_window]
+        for settings, label in variants:
+            fusers.append((label, network_fuser(load_model(path, "cpu", **settings._asdict()))))
     fusers.append(("classical", classical_fuse))
     return fusers
 

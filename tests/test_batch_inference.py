@@ -414,9 +414,11 @@ class TestInterruption:
         import signal
         import time
         stacks = tmp_path / "data" / "syn" / "dof_stack"
-        scenes = [f"s{k}" for k in range(40)]
+        scenes, side = [f"s{k}" for k in range(40)], 160
+        # Stacks large enough that the run lasts a few seconds: on a loaded
+        # machine a 1-second run could end before the signal is sent.
         for k, name in enumerate(scenes):
-            write_stack(stacks / name, 4, 96, 96, seed=k)
+            write_stack(stacks / name, 4, side, side, seed=k)
         out = tmp_path / "out"
         workers = "0" if how.startswith("SIGTERM") else "1"
         process = subprocess.Popen(
@@ -444,9 +446,9 @@ class TestInterruption:
         assert not [p for p in written if ".part" in p.name]
         for path in written:   # every file that exists decodes whole
             if path.suffix == ".npy":
-                assert np.load(path).shape == (96, 96)
+                assert np.load(path).shape == (side, side)
             else:
-                assert read_image(path).shape[:2] == (96, 96)
+                assert read_image(path).shape[:2] == (side, side)
         done = [s for s in scenes if batch_inference.is_done(batch_inference.scene_output_paths(out / "r" / "syn", s))]
         assert 2 <= len(done) < len(scenes)   # the third scene may be cut between its files
 

@@ -13,7 +13,7 @@ sys.path.insert(0, str(REPO))
 
 from fast_inference import fast_outputs  # noqa: E402
 from inference import color_blend, color_fuse, fuse_gray_batch, render_outputs  # noqa: E402
-from model import (CheckpointError, StackMFFV2, gather_slices, load_model, read_inference_settings,  # noqa: E402
+from model import (CheckpointError, StackMFFV2, focus_energy, gather_slices, load_model, read_inference_settings,  # noqa: E402
                    soft_fusion_weights, write_model_card)
 
 
@@ -99,7 +99,7 @@ def test_temperature_comes_from_the_model_card_and_can_be_overridden(tmp_path):
     torch.save(StackMFFV2().state_dict(), path)
     assert load_model(path).fusion_temperature == 0                 # no card: the released pick
     write_model_card(path, {"index_rule": "argmax", "fusion_temperature": 0.1})
-    assert read_inference_settings(path) == ("argmax", 1, 0.1)
+    assert read_inference_settings(path) == ("argmax", 1, 0.1, 0.0, 0.0)
     assert load_model(path).fusion_temperature == 0.1
     assert load_model(path, fusion_temperature=0).fusion_temperature == 0
     for bad in (-0.5, "warm", True):
@@ -135,3 +135,87 @@ def test_a_bad_temperature_is_one_usage_line(tmp_path):
                                  "--fusion_temperature", bad], cwd=REPO, capture_output=True, text=True)
         assert result.returncode == 2 and "Traceback" not in result.stderr
         assert "fusion_temperature must be a number >= 0" in result.stderr.strip().splitlines()[-1]
+
+
+def test_focus_energy_is_the_smoothed_squared_laplacian():
+    rng = np.random.default_rng(4)
+    image = rng.random((40, 36)).astype(np.float32)
+    energy = focus_energy(torch.from_numpy(image)[None, None])[0, 0].numpy()
+    lap = cv2.Laplacian(image, cv2.CV_32F, ksize=1, borderType=cv2.BORDER_REPLICATE)
+    expected = cv2.GaussianBlur(lap ** 2, (5, 5), 0.5, borderType=cv2.BORDER_REPLICATE)
+    np.testing.assert_allclose(energy, expected, rtol=1e-4, atol=1e-6)
+    flat = focus_energy(torch.full((1, 2, 8, 8), 0.3))
+    assert flat.abs().max() < 1e-10                                    # no detail, no energy
+
+
+def test_focus_prior_takes_the_sharp_slice_where_the_network_hesitates():
+    # Two slices of one texture, the second blurred; logits that cannot tell
+    # them apart. The blend alone averages them; the prior takes the sharp one.
+    rng = np.random.default_rng(5)
+    sharp = rng.random((64, 64)).astype(np.float32)
+    blurred = cv2.GaussianBlur(sharp, (0, 0), 2.0)
+    x = torch.from_numpy(np.stack([blurred, sharp]))[None]
+    logits = torch.zeros(1, 2, 64, 64)
+    plain = (soft_fusion_weights(logits, 0.3) * x).sum(dim=1)[0].numpy()
+    prior = (soft_fusion_weights(logits, 0.3, x, 8.0) * x).sum(dim=1)[0].numpy()
+    error_plain, error_prior = np.abs(plain - sharp).mean(), np.abs(prior - sharp).mean()
+    assert error_prior < 0.1 * error_plain
+    # The prior only reweighs: with confident logits the network's choice stands.
+    confident = torch.stack([torch.full((64, 64), 100.0), torch.zeros(64, 64)])[None]
+    kept = (soft_fusion_weights(confident, 0.3, x, 8.0) * x).sum(dim=1)[0].numpy()
+    assert np.abs(kept - blurred).mean() < 1e-3
+    # Identical slices: the prior has nothing to choose and the weights stay the network's.
+    same = x[:, 1:].expand(1, 2, 64, 64)
+    torch.testing.assert_close(soft_fusion_weights(logits, 0.3, same, 8.0), torch.full((1, 2, 64, 64), 0.5))
+
+
+def test_focus_prior_comes_from_the_model_card_and_can_be_overridden(tmp_path):
+    path = tmp_path / "w.pth"
+    torch.save(StackMFFV2().state_dict(), path)
+    assert load_model(path).focus_prior == 0                        # no card: none
+    write_model_card(path, {"index_rule": "argmax", "fusion_temperature": 0.3, "focus_prior": 8})
+    assert read_inference_settings(path).focus_prior == 8
+    assert load_model(path).focus_prior == 8 and load_model(path, focus_prior=0).focus_prior == 0
+    for bad in (-1, "8", False):
+        write_model_card(path, {"fusion_temperature": 0.3, "focus_prior": bad})
+        with pytest.raises(CheckpointError, match="focus_prior"):
+            load_model(path)
+    with pytest.raises(ValueError, match="focus_prior"):
+        StackMFFV2(focus_prior=float("nan"))
+
+
+def test_a_bad_focus_prior_is_one_usage_line(tmp_path):
+    result = subprocess.run([sys.executable, "predict_one_stack.py", "--input_dir", str(tmp_path),
+                             "--focus_prior", "-2"], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "focus_prior must be a number >= 0" in result.stderr.strip().splitlines()[-1]
+
+
+def test_depth_window_moves_a_torn_blend_to_the_slices_between():
+    # Logits that see two depths at once (slices 0 and 4 equally, the rest 2
+    # lower): the plain blend splits between the two; the window centres it
+    # on the expected slice, 2.
+    logits = torch.full((1, 5, 4, 4), -2.0)
+    logits[:, 0] = logits[:, 4] = 0.0
+    torn = soft_fusion_weights(logits, 1.0)
+    assert (torn[:, 0] + torn[:, 4]).min() > 0.7
+    windowed = soft_fusion_weights(logits, 1.0, depth_window=0.5)
+    assert (windowed.argmax(dim=1) == 2).all() and windowed[:, 2].min() > 0.7
+    # A confident network is left alone: the window sits on its own slice.
+    confident = torch.full((1, 5, 4, 4), -30.0)
+    confident[:, 3] = 0.0
+    torch.testing.assert_close(soft_fusion_weights(confident, 1.0, depth_window=0.5), soft_fusion_weights(confident, 1.0))
+
+
+def test_depth_window_comes_from_the_model_card_and_can_be_overridden(tmp_path):
+    path = tmp_path / "w.pth"
+    torch.save(StackMFFV2().state_dict(), path)
+    write_model_card(path, {"index_rule": "argmax", "fusion_temperature": 1.0, "depth_window": 1.5})
+    assert read_inference_settings(path).depth_window == 1.5
+    assert load_model(path).depth_window == 1.5 and load_model(path, depth_window=0).depth_window == 0
+    write_model_card(path, {"fusion_temperature": 1.0, "depth_window": -1})
+    with pytest.raises(CheckpointError, match="depth_window"):
+        load_model(path)
+    result = subprocess.run([sys.executable, "predict_one_stack.py", "--input_dir", str(tmp_path),
+                             "--depth_window", "x"], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 2 and "depth_window must be a number >= 0" in result.stderr.strip().splitlines()[-1]
