@@ -19,6 +19,7 @@ import sys
 from functools import partial
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -46,12 +47,35 @@ def get_args_parser():
     parser.add_argument("--noise", type=float, nargs="+", default=[0, 2],
                         help="sets with Gaussian sensor noise of this sigma in gray levels (0-255) added to "
                              "every slice (0: clean); the score spans them all, so the choice holds on photos")
+    parser.add_argument("--min_step_share", type=float, default=0.0,
+                        help="keep only scenes with at least this share of pixels within 5 px of a depth step of "
+                             "2 slices or more (0: every scene); the depth window acts only there")
     parser.add_argument("--seed", type=int, default=7, help="make_scene seed (training used 0)")
     parser.add_argument("--per_set", type=int, default=12, help="stacks per (slices, blur) set")
     parser.add_argument("--size", type=int, default=256, help="stack side in pixels")
     parser.add_argument("--cap", type=float, default=60.0, help="per-stack PSNR cap in dB for the score")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     return parser
+
+
+def depth_step_share(depth_map: np.ndarray, num_slices: int) -> float:
+    """Share of pixels within 5 px of a step of 2 slices or more in the focus index of a make_scene depth map."""
+    index = np.round(depth_map.astype(np.float32) / 255 * (num_slices - 1)).astype(np.uint8)
+    window = np.ones((11, 11), np.uint8)
+    spread = cv2.dilate(index, window).astype(int) - cv2.erode(index, window)
+    return float((spread >= 2).mean())
+
+
+def scenes_of_set(args, n, blur):
+    """The first ``per_set`` scene numbers of an (N, blur) set that pass ``--min_step_share``."""
+    k = 0
+    for _ in range(args.per_set):
+        while True:
+            scene = make_scene(args.seed, 1000 * n + k, args.size, (n, n), blur)
+            k += 1
+            if depth_step_share(scene[1], n) >= args.min_step_share:
+                yield k - 1, scene
+                break
 
 
 def main(args):
@@ -65,8 +89,7 @@ def main(args):
     psnr = {(s, c): [] for s in sets for c in candidates}
     with torch.inference_mode(), tqdm(total=len(sets) * args.per_set, desc="stacks", unit="stack") as bar:
         for blur, n, noise in sets:
-            for k in range(args.per_set):
-                slices, _, image = make_scene(args.seed, 1000 * n + k, args.size, (n, n), blur)
+            for k, (slices, _, image) in scenes_of_set(args, n, blur):
                 x = stack_to_tensor(slices)                                      # (1, N, H, W)
                 if noise:                    # sensor noise, then 8-bit quantisation again
                     generator = torch.Generator().manual_seed(1000 * n + k)
