@@ -88,6 +88,16 @@ def _first_names(names) -> str:
     return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
 
 
+def _images_for(names, folder: Path, what: str) -> dict:
+    """``_images_by_stem(folder)``; InputError "<k> of <n> scenes <what>: <first names>" when some
+    of ``names`` have no image there."""
+    files = _images_by_stem(folder)
+    missing = [name for name in names if name not in files]
+    if missing:
+        raise InputError(f"{len(missing)} of {len(names)} scenes {what}: {_first_names(missing)}")
+    return files
+
+
 def with_all_in_focus(scenes, depth_root):
     """The scenes with their all-in-focus images from ``<depth_root>/../all_in_focus/<scene>.<ext>``
     (make_datasets/make_synthetic.py writes them); InputError when the folder or a file is missing."""
@@ -95,11 +105,7 @@ def with_all_in_focus(scenes, depth_root):
     if not folder.is_dir():
         raise InputError(f"all-in-focus images asked for, but '{folder}' does not exist (make_synthetic.py "
                          f"writes it; other data has none)")
-    files = _images_by_stem(folder)
-    missing = [scene.name for scene in scenes if scene.name not in files]
-    if missing:
-        raise InputError(f"{len(missing)} of {len(scenes)} scenes have no all-in-focus image in '{folder}': "
-                         f"{_first_names(missing)}")
+    files = _images_for([s.name for s in scenes], folder, f"have no all-in-focus image in '{folder}'")
     return [Scene(s.name, s.stack_dir, s.depth_path, s.num_slices, files[s.name]) for s in scenes]
 
 
@@ -117,11 +123,8 @@ def find_scenes(stack_root, depth_root, min_slices: int = 2):
     if not scene_dirs:
         raise InputError(f"stack folder '{stack_root}' holds no scene folders "
                          f"(expected {STACK_FOLDER}/<scene>/<1..N>.png)")
-    depth_files = _images_by_stem(depth_root)
-    unmatched = [d.name for d in scene_dirs if d.name not in depth_files]
-    if unmatched:
-        raise InputError(f"{len(unmatched)} of {len(scene_dirs)} scenes in '{stack_root}' have no depth "
-                         f"map in '{depth_root}' (expected <scene>.png): {_first_names(unmatched)}")
+    depth_files = _images_for([d.name for d in scene_dirs], depth_root,
+                              f"in '{stack_root}' have no depth map in '{depth_root}' (expected <scene>.png)")
     scenes = []
     for scene_dir in scene_dirs:
         count = len(list_images(scene_dir))

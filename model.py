@@ -256,9 +256,9 @@ def soft_fusion_weights(logits: torch.Tensor, temperature: float, stack: torch.T
     """
     scores = logits.float() / temperature
     if depth_window:
-        slices = torch.arange(logits.shape[1], dtype=torch.float32, device=logits.device).view(1, -1, 1, 1)
-        expected = (torch.softmax(logits.float(), dim=1) * slices).sum(dim=1, keepdim=True)
-        scores = scores - (slices - expected) ** 2 / (2 * depth_window ** 2)
+        slice_number = torch.arange(1, logits.shape[1] + 1, dtype=torch.float32, device=logits.device)
+        distance = slice_number.view(1, -1, 1, 1) - expected_slice_number(logits)      # (B, N, H, W)
+        scores = scores - distance ** 2 / (2 * depth_window ** 2)
     if focus_prior:
         scores = scores + focus_prior * torch.log(focus_energy(stack) + FOCUS_ENERGY_FLOOR)
     return torch.softmax(scores, dim=1)
@@ -431,11 +431,10 @@ def load_model(path, device="cpu", index_rule=None, views=None, fusion_temperatu
     missing, not a checkpoint, or the weights of another architecture.
     """
     state_dict = read_state_dict(path)
-    card = read_inference_settings(path)
-    model = StackMFFV2(index_rule or card.index_rule, views or card.views,
-                       card.fusion_temperature if fusion_temperature is None else fusion_temperature,
-                       card.focus_prior if focus_prior is None else focus_prior,
-                       card.depth_window if depth_window is None else depth_window)
+    asked = dict(index_rule=index_rule, views=views, fusion_temperature=fusion_temperature,
+                 focus_prior=focus_prior, depth_window=depth_window)
+    settings = read_inference_settings(path)._replace(**{k: v for k, v in asked.items() if v is not None})
+    model = StackMFFV2(**settings._asdict())
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))

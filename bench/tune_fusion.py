@@ -68,14 +68,13 @@ def depth_step_share(depth_map: np.ndarray, num_slices: int) -> float:
 
 def scenes_of_set(args, n, blur):
     """The first ``per_set`` scene numbers of an (N, blur) set that pass ``--min_step_share``."""
-    k = 0
-    for _ in range(args.per_set):
-        while True:
-            scene = make_scene(args.seed, 1000 * n + k, args.size, (n, n), blur)
-            k += 1
-            if depth_step_share(scene[1], n) >= args.min_step_share:
-                yield k - 1, scene
-                break
+    kept, k = 0, 0
+    while kept < args.per_set:
+        scene = make_scene(args.seed, 1000 * n + k, args.size, (n, n), blur)
+        if depth_step_share(scene[1], n) >= args.min_step_share:
+            yield k, scene
+            kept += 1
+        k += 1
 
 
 def main(args):
