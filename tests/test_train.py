@@ -144,6 +144,37 @@ class TestInitAndLoss:
         even = torch.zeros(1, 2, 4, 4)                       # an even blend is the sharp image here
         assert train.depth_loss(even, depth, target, "mse", stack=stack, fusion_weight=2.0) < 1e-12
 
+    def test_fusion_blend_scores_the_cards_fused_image(self):
+        # Flat slices 0.2, 0.5, 1.0 and a torn network: slices 0 and 2 equally likely, slice 1 less.
+        # The sharp image is the middle slice. The plain softmax blend is 0.58 there; a narrow
+        # depth window around the expected slice (the middle) makes the blend the middle slice.
+        stack = torch.tensor([0.2, 0.5, 1.0]).view(1, 3, 1, 1).expand(1, 3, 4, 4).clone()
+        target = torch.cat((torch.ones(1, 1, 4, 4), torch.full((1, 1, 4, 4), 0.5)), dim=1)
+        depth = torch.ones(1, 1, 4, 4)
+        torn = torch.tensor([0.0, -1.0, 0.0]).view(1, 3, 1, 1).expand(1, 3, 4, 4)
+        plain_weights = torch.softmax(torn[0, :, 0, 0], dim=0)
+        plain_error = abs(float((plain_weights * torch.tensor([0.2, 0.5, 1.0])).sum()) - 0.5)
+        plain = train.depth_loss(torn, depth, target, "mse", stack=stack, fusion_weight=1.0)
+        assert plain.item() == pytest.approx(plain_error, abs=1e-6) and plain_error > 0.05
+        windowed = train.depth_loss(torn, depth, target, "mse", stack=stack, fusion_weight=1.0,
+                                    fusion_blend=(1.0, 0.0, 0.25))
+        assert windowed.item() < 0.002
+        # With a focus prior too, the term is the L1 of exactly soft_fusion_weights' blend.
+        logits, textured = torch.randn(2, 3, 8, 8), torch.rand(2, 3, 8, 8)
+        sharp = torch.cat((torch.ones(2, 1, 8, 8), torch.rand(2, 1, 8, 8)), dim=1)
+        blend = train.soft_fusion_weights(logits, 0.5, textured, 4.0, 1.5)
+        expected = 3.0 * ((blend * textured).sum(dim=1) - sharp[:, 1]).abs().mean()
+        torch.testing.assert_close(train.depth_loss(logits, torch.ones(2, 1, 8, 8), sharp, "mse", stack=textured,
+                                                    fusion_weight=3.0, fusion_blend=(0.5, 4.0, 1.5)), expected)
+
+    def test_fusion_blend_needs_a_temperature(self, data, tmp_path):
+        with pytest.raises(InputError, match="temperature of --fusion_blend must be above 0"):
+            train.main(tiny_args(data, tmp_path, "--fusion_weight", "1", "--fusion_blend", "0", "4", "1.5"))
+        result = subprocess.run([sys.executable, "train.py", "--train_dataset", str(tmp_path), str(tmp_path),
+                                 "--fusion_blend", "1", "-4", "1"], cwd=REPO, capture_output=True, text=True)
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert "--fusion_blend values must be finite and >= 0" in result.stderr
+
     def test_sharpest_target_replaces_only_spoilt_true_slices(self):
         # 3 slices, 1 x 3 pixels; the truth is slice 2 everywhere. Pixel 0: slice 2 is spoilt
         # (0.3 off), slice 0 is exact -> 0. Pixel 1: every slice is as close (flat) -> stays 2.
