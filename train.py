@@ -314,11 +314,9 @@ def depth_loss(logits, depth, target, loss: str = "mse", ce_weight: float = 0.1,
             aimed_index = slice_index
     if loss == "mse+ce":
         value = value + ce_weight * F.cross_entropy(logits.float(), aimed_index)
-    if fusion_weight or distance_weight:
-        prob = torch.softmax(logits.float(), dim=1)                              # (B, N, H, W)
     if fusion_weight:
         temperature, focus_prior, depth_window = fusion_blend
-        blend = soft_fusion_weights(logits, temperature, stack, focus_prior, depth_window)  # T 1, 0, 0 = prob
+        blend = soft_fusion_weights(logits, temperature, stack, focus_prior, depth_window)  # (B, N, H, W)
         fused = (blend * stack.float()).sum(dim=1)                               # (B, H, W)
         if target.shape[1] > 1:
             all_in_focus = target[:, 1]                                          # (B, H, W)
@@ -326,6 +324,7 @@ def depth_loss(logits, depth, target, loss: str = "mse", ce_weight: float = 0.1,
             all_in_focus = stack.gather(1, slice_index[:, None])[:, 0]         # (B, H, W)
         value = value + fusion_weight * (fused - all_in_focus).abs().mean()
     if distance_weight:
+        prob = torch.softmax(logits.float(), dim=1)                              # (B, N, H, W)
         slices = torch.arange(n, dtype=torch.float32, device=logits.device).view(1, n, 1, 1)
         distance = (slices - aimed_index[:, None].float()).abs()                 # (B, N, H, W)
         value = value + distance_weight * (prob * distance).sum(dim=1).mean()
@@ -632,7 +631,6 @@ def run_training(args, runtime: Runtime) -> dict:
     train_sources, val_sources = dataset_sources(args, "train"), dataset_sources(args, "val")
     if args.ce_target == "sharpest" and not args.all_in_focus:
         raise InputError("--ce_target sharpest needs --all_in_focus (the sharp images it compares with)")
-    args.fusion_blend = tuple(args.fusion_blend)
     if args.fusion_blend[0] <= 0:
         raise InputError("the temperature of --fusion_blend must be above 0 (the fusion term scores a blend)")
     if not train_sources:
