@@ -19,7 +19,6 @@ import sys
 from functools import partial
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -29,7 +28,7 @@ sys.path.insert(0, str(REPO))
 
 from fast_inference import fast_focus_logits  # noqa: E402
 from inference import DEFAULT_MODEL  # noqa: E402
-from make_datasets.make_synthetic import make_scene, physical_available  # noqa: E402
+from make_datasets.make_synthetic import kept_scenes, physical_available  # noqa: E402
 from metrics import psnr as gray_psnr  # noqa: E402
 from model import gather_slices, load_model, multi_view_logits, soft_fusion_weights  # noqa: E402
 from utils import run_cli, stack_to_tensor, to_gray_float  # noqa: E402
@@ -58,25 +57,6 @@ def get_args_parser():
     return parser
 
 
-def depth_step_share(depth_map: np.ndarray, num_slices: int) -> float:
-    """Share of pixels within 5 px of a step of 2 slices or more in the focus index of a make_scene depth map."""
-    index = np.round(depth_map.astype(np.float32) / 255 * (num_slices - 1)).astype(np.uint8)
-    window = np.ones((11, 11), np.uint8)
-    spread = cv2.dilate(index, window).astype(int) - cv2.erode(index, window)
-    return float((spread >= 2).mean())
-
-
-def scenes_of_set(args, n, blur):
-    """The first ``per_set`` scene numbers of an (N, blur) set that pass ``--min_step_share``."""
-    kept, k = 0, 0
-    while kept < args.per_set:
-        scene = make_scene(args.seed, 1000 * n + k, args.size, (n, n), blur)
-        if depth_step_share(scene[1], n) >= args.min_step_share:
-            yield k, scene
-            kept += 1
-        k += 1
-
-
 def main(args):
     torch.set_num_threads(args.threads)
     model = load_model(args.model_path, "cpu")
@@ -88,10 +68,11 @@ def main(args):
     psnr = {(s, c): [] for s in sets for c in candidates}
     with torch.inference_mode(), tqdm(total=len(sets) * args.per_set, desc="stacks", unit="stack") as bar:
         for blur, n, noise in sets:
-            for k, (slices, _, image) in scenes_of_set(args, n, blur):
+            for scene, (slices, _, image) in kept_scenes(args.seed, 1000 * n, args.per_set, args.size, (n, n),
+                                                         blur, args.min_step_share):
                 x = stack_to_tensor(slices)                                      # (1, N, H, W)
                 if noise:                    # sensor noise, then 8-bit quantisation again
-                    generator = torch.Generator().manual_seed(1000 * n + k)
+                    generator = torch.Generator().manual_seed(scene)
                     x = x + torch.randn(x.shape, generator=generator) * (noise / 255)
                     x = (x.clamp(0, 1) * 255).round() / 255
                 logits = multi_view_logits(logits_of, x, model.views)

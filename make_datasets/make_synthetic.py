@@ -8,7 +8,9 @@ or procedural textures; depth maps are procedural (slanted planes, smooth
 blobs, flat objects whose depth edges follow edges of the image). Each stack
 has between ``--min_slices`` and ``--max_slices`` slices, blurred with the
 released synthesis (``make_datasets.synthesis.released_stack``) or the
-physical one (``physical_stack``) when it is available.
+physical one (``physical_stack``) when it is available. ``--min_step_share``
+keeps only scenes with many depth steps (the pixels where physical blur
+spills across a depth edge, which smooth scenes hardly have).
 
 Output, the training layout::
 
@@ -201,23 +203,54 @@ def depth_map_to_index(depth_map: np.ndarray, num_slices: int) -> np.ndarray:
     return np.round(depth_map.astype(np.float64) / 255 * (num_slices - 1)).astype(np.int64)
 
 
-def make_scene(seed: int, scene: int, size: int, slice_range, blur: str):
+def depth_step_share(index: np.ndarray) -> float:
+    """Share of pixels within 5 px of a step of 2 slices or more in a focus-index map (HxW ints).
+
+    With physical blur these are the hard pixels: the near side's blur
+    spills over the far side, so no slice there is the all-in-focus image.
+    """
+    index = index.astype(np.uint8)
+    window = np.ones((11, 11), np.uint8)
+    spread = cv2.dilate(index, window).astype(int) - cv2.erode(index, window)
+    return float((spread >= 2).mean())
+
+
+def make_scene(seed: int, scene: int, size: int, slice_range, blur: str, min_step_share: float = 0.0):
     """One stack, reproducible from (seed, scene).
 
     Returns (slices: list of N size x size x 3 uint8 near to far,
     depth_map: size x size uint8 as documented in the module,
-    image: the all-in-focus size x size x 3 uint8).
+    image: the all-in-focus size x size x 3 uint8), or None when the
+    scene's ``depth_step_share`` is below ``min_step_share`` (checked
+    before the slices are rendered, so a rejected scene costs little).
     """
     rng = np.random.default_rng([seed, scene])
     num_slices = int(rng.integers(slice_range[0], slice_range[1] + 1))
     image = random_image(rng, size)
     depth8 = stretch_to_8bit(random_depth(rng, image))
     use_physical = blur == "physical" or (blur == "mixed" and rng.random() < 0.5)
+    if min_step_share:     # on the index the chosen blur will use (the two quantise differently)
+        index = synthesis.nearest_plane(depth8, num_slices) if use_physical else \
+            synthesis.quantize_depth(depth8, num_slices)
+        if depth_step_share(index) < min_step_share:
+            return None
     if use_physical:
         slices, index = synthesis.physical_stack(image, depth8, num_slices, max_sigma=4.0)
     else:
         slices, index = synthesis.released_stack(image, depth8, num_slices)
     return list(slices), index_to_depth_map(index, num_slices), image
+
+
+def kept_scenes(seed: int, first: int, count: int, size: int, slice_range, blur: str, min_step_share: float = 0.0):
+    """Yield (scene number, make_scene's result) for the first ``count`` scenes from ``first`` on
+    that pass ``min_step_share``."""
+    scene, kept = first, 0
+    while kept < count:
+        result = make_scene(seed, scene, size, slice_range, blur, min_step_share)
+        if result is not None:
+            yield scene, result
+            kept += 1
+        scene += 1
 
 
 def get_args_parser():
@@ -234,6 +267,10 @@ def get_args_parser():
     gen.add_argument("--blur", type=str, default="released", choices=BLUR_MODES,
                      help="released Gaussian levels, physical blur, or a 50/50 mix")
     gen.add_argument("--seed", type=int, default=0, help="scene i depends only on (seed, i)")
+    gen.add_argument("--min_step_share", type=float, default=0.0,
+                     help="skip scenes with fewer pixels than this share near a depth step of 2 slices or "
+                          "more (0: keep all); the kept scenes keep their numbers, and --num_stacks counts "
+                          "kept scenes. Steps are where physical blur spills across depth edges")
     return parser
 
 
@@ -242,15 +279,17 @@ def main(args):
         raise InputError("need 2 <= --min_slices <= --max_slices <= 32")
     if args.size < 32:
         raise InputError("--size must be at least 32")
+    if not 0 <= args.min_step_share < 1:
+        raise InputError("--min_step_share must be at least 0 and below 1")
     if args.blur != "released" and not physical_available():
         raise InputError(f"--blur {args.blur} needs make_datasets.synthesis.physical_stack, "
                          "which this checkout does not have yet")
     root = ensure_output_dir(args.output_dir)
     ensure_output_dir(root / "depth_maps")
     ensure_output_dir(root / "all_in_focus")
-    for scene in tqdm(range(args.first, args.first + args.num_stacks), desc="stacks"):
-        slices, depth_map, sharp = make_scene(args.seed, scene, args.size,
-                                              (args.min_slices, args.max_slices), args.blur)
+    for scene, (slices, depth_map, sharp) in tqdm(
+            kept_scenes(args.seed, args.first, args.num_stacks, args.size, (args.min_slices, args.max_slices),
+                        args.blur, args.min_step_share), total=args.num_stacks, desc="stacks"):
         name = f"{args.prefix}_{scene:06d}"
         ensure_output_dir(root / "image_stacks" / name)
         for k, image in enumerate(slices, start=1):

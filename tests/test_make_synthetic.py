@@ -52,6 +52,30 @@ class TestMakeScene:
             assert np.array_equal(ms.depth_map_to_index(ms.index_to_depth_map(index, n), n), index)
 
 
+class TestDepthSteps:
+    def test_step_share_of_a_half_and_half_map(self):
+        # 8 slices, index 0 left of column 32 and 7 from it: the 11 px window of
+        # columns 27..36 spans both sides, so 10 of 64 columns count.
+        index = np.zeros((64, 64), np.int64)
+        index[:, 32:] = 7
+        assert ms.depth_step_share(index) == pytest.approx(10 / 64)
+        # A ramp of one slice per 16 columns (wider than the window) has steps of 1 only: none count.
+        assert ms.depth_step_share(np.tile(np.arange(64) // 16, (64, 1))) == 0.0
+
+    def test_kept_scenes_pass_the_filter_and_keep_their_numbers(self):
+        kept = list(ms.kept_scenes(0, 0, 3, 64, (8, 8), "released", min_step_share=0.3))
+        numbers = [scene for scene, _ in kept]
+        assert len(kept) == 3 and numbers == sorted(set(numbers))
+        for scene, (slices, depth_map, image) in kept:
+            assert ms.depth_step_share(ms.depth_map_to_index(depth_map, 8)) >= 0.3
+            again = ms.make_scene(0, scene, 64, (8, 8), "released")
+            assert np.array_equal(again[1], depth_map) and np.array_equal(again[2], image)
+        skipped = set(range(numbers[-1])) - set(numbers)
+        assert skipped, "seed 0 has scenes with few steps among its first ones; the filter must skip them"
+        assert all(ms.make_scene(0, k, 64, (8, 8), "released", min_step_share=0.3) is None for k in skipped)
+        assert all(ms.depth_step_share(ms.depth_map_to_index(ms.make_scene(0, k, 64, (8, 8), "released")[1], 8)) < 0.3 for k in skipped)
+
+
 class TestSources:
     def test_motorcycle_is_never_a_training_source(self):
         assert "stereo_motorcycle" not in ms.PHOTO_NAMES
@@ -93,6 +117,19 @@ class TestCommandLine:
                        "--min_slices", 2, "--max_slices", 5, "--seed", 11)
         assert r.returncode == 0, r.stderr
         assert (tmp_path / "again" / "depth_maps" / "syn_000001.png").read_bytes() == first
+
+    def test_min_step_share_writes_only_step_rich_scenes(self, tmp_path):
+        out = tmp_path / "steps"
+        r = run_script("--output_dir", out, "--num_stacks", 2, "--size", 64, "--min_slices", 6,
+                       "--max_slices", 6, "--seed", 0, "--min_step_share", 0.2)
+        assert r.returncode == 0, r.stderr
+        expected = [scene for scene, _ in ms.kept_scenes(0, 0, 2, 64, (6, 6), "released", 0.2)]
+        assert sorted(p.stem for p in (out / "depth_maps").iterdir()) == [f"syn_{k:06d}" for k in expected]
+        for k in expected:
+            assert ms.depth_step_share(ms.depth_map_to_index(read_image(out / "depth_maps" / f"syn_{k:06d}.png"), 6)) >= 0.2
+        r = run_script("--output_dir", tmp_path / "bad", "--num_stacks", 1, "--min_step_share", 1)
+        assert r.returncode == 2 and "min_step_share" in r.stderr and "Traceback" not in r.stderr
+        assert not (tmp_path / "bad").exists()
 
     def test_bad_slice_range_is_one_clear_error(self, tmp_path):
         r = run_script("--output_dir", tmp_path / "x", "--min_slices", 1, "--num_stacks", 1)
