@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO))
 
 from fast_inference import fast_focus_logits  # noqa: E402
 from inference import DEFAULT_MODEL  # noqa: E402
-from make_datasets.make_synthetic import kept_scenes, physical_available  # noqa: E402
+from make_datasets.make_synthetic import check_min_step_share, kept_scenes, physical_available  # noqa: E402
 from metrics import psnr as gray_psnr  # noqa: E402
 from model import gather_slices, load_model, multi_view_logits, soft_fusion_weights  # noqa: E402
 from utils import run_cli, stack_to_tensor, to_gray_float  # noqa: E402
@@ -58,6 +58,7 @@ def get_args_parser():
 
 
 def main(args):
+    check_min_step_share(args.min_step_share)
     torch.set_num_threads(args.threads)
     model = load_model(args.model_path, "cpu")
     logits_of = partial(fast_focus_logits, model)

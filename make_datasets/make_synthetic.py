@@ -241,6 +241,12 @@ def make_scene(seed: int, scene: int, size: int, slice_range, blur: str, min_ste
     return list(slices), index_to_depth_map(index, num_slices), image
 
 
+def check_min_step_share(value: float):
+    """One clear error for a --min_step_share no scene can pass (1 or more would search forever)."""
+    if not 0 <= value < 1:
+        raise InputError(f"--min_step_share must be at least 0 and below 1, got {value:g}")
+
+
 def kept_scenes(seed: int, first: int, count: int, size: int, slice_range, blur: str, min_step_share: float = 0.0):
     """Yield (scene number, make_scene's result) for the first ``count`` scenes from ``first`` on
     that pass ``min_step_share``."""
@@ -279,8 +285,7 @@ def main(args):
         raise InputError("need 2 <= --min_slices <= --max_slices <= 32")
     if args.size < 32:
         raise InputError("--size must be at least 32")
-    if not 0 <= args.min_step_share < 1:
-        raise InputError("--min_step_share must be at least 0 and below 1")
+    check_min_step_share(args.min_step_share)
     if args.blur != "released" and not physical_available():
         raise InputError(f"--blur {args.blur} needs make_datasets.synthesis.physical_stack, "
                          "which this checkout does not have yet")
