@@ -28,8 +28,8 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from inference import OUTPUT_KINDS, add_model_arguments, fuse_gray_batch, render_outputs, write_outputs
-from model import load_model
+from inference import (OUTPUT_KINDS, add_model_arguments, fuse_gray_batch, model_from_args, render_outputs,
+                       write_outputs)
 from Registration import add_align_argument, align_stack
 from utils import InputError, ensure_output_dir, select_device, stack_to_tensor, write_text
 
@@ -387,9 +387,7 @@ def run_batch_inference(args, find_scenes: Callable[[Path], List[Scene]], revers
     ranks = init_ranks()
     try:
         device = rank_device(args.device, ranks)
-        model = load_model(args.model_path, device, index_rule=args.index_rule, views=args.views,
-                           fusion_temperature=args.fusion_temperature, focus_prior=args.focus_prior,
-                           depth_window=args.depth_window)
+        model = model_from_args(args, device)
         # One tiny untimed pass pays the libraries' one-off start-up (kernel
         # selection, allocator), which would otherwise land on the first stack.
         fuse_gray_batch(model, torch.zeros(1, 2, 32, 32), device)

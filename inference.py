@@ -14,7 +14,8 @@ import torch
 from tqdm import tqdm
 
 from fast_inference import PRECISIONS, fast_outputs, tiled_forward
-from model import INDEX_RULES, TEST_VIEWS, checked_depth_window, checked_focus_prior, checked_fusion_temperature
+from model import (INDEX_RULES, TEST_VIEWS, checked_base_sigma, checked_base_weight_sigma, checked_depth_window,
+                   checked_focus_prior, checked_fusion_temperature, gaussian_blur, load_model)
 from utils import (depth_colormap, dtype_max, index_picture, resize_back, resize_to_multiple,
                    stack_to_tensor, to_gray, to_uint8, write_image, write_npy)
 
@@ -37,6 +38,8 @@ def _argparse_type(check):
 fusion_temperature_arg = _argparse_type(checked_fusion_temperature)
 focus_prior_arg = _argparse_type(checked_focus_prior)
 depth_window_arg = _argparse_type(checked_depth_window)
+base_sigma_arg = _argparse_type(checked_base_sigma)
+base_weight_sigma_arg = _argparse_type(checked_base_weight_sigma)
 
 
 def add_model_arguments(group):
@@ -54,14 +57,19 @@ def add_model_arguments(group):
                        help="0 takes each pixel from the slice the index names (released); T > 0 blends the "
                             "slices with softmax(focus logits / T) weights (default: the model card's, else 0; "
                             "--max_memory tiles pick by index)")
-    # Two refinements of the blend (model.soft_fusion_weights); a pick by index ignores them.
+    # Refinements of the blend (model.soft_fusion_weights, model.blend_slices); a pick by index ignores them.
     for flag, parse, what in (
             ("--focus_prior", focus_prior_arg,
              "p > 0 multiplies each slice's blend weight by its local sharpness (squared Laplacian) to the power "
              "p, so that among the slices the network finds likely the sharpest wins"),
             ("--depth_window", depth_window_arg,
              "w > 0 keeps the blend within about w slices of the expected slice number, so that at the edge of "
-             "a near object it takes the slices between the two depths")):
+             "a near object it takes the slices between the two depths"),
+            ("--base_sigma", base_sigma_arg,
+             "s > 0 blends in two bands: each slice's base (Gaussian blur of sigma s px) takes the blend weights "
+             "smoothed by --base_weight_sigma, its detail the weights as they are, so seams at depth edges fade"),
+            ("--base_weight_sigma", base_weight_sigma_arg,
+             "px: the Gaussian that smooths the weights of the base band (0: one band)")):
         group.add_argument(flag, type=parse, default=None,
                            help=what + "; needs a fusion temperature > 0 (default: the model card's, else 0)")
     group.add_argument("--device", type=str, default=None,
@@ -71,6 +79,14 @@ def add_model_arguments(group):
     group.add_argument("--precision", type=str, default="fp32", choices=PRECISIONS,
                        help="fp16/bf16 run the GRU convolutions in half precision (for GPUs)")
     return group
+
+
+def model_from_args(args, device):
+    """``model.load_model`` with the flags of ``add_model_arguments`` (None: the model card's)."""
+    return load_model(args.model_path, device, index_rule=args.index_rule, views=args.views,
+                      fusion_temperature=args.fusion_temperature, focus_prior=args.focus_prior,
+                      depth_window=args.depth_window, base_sigma=args.base_sigma,
+                      base_weight_sigma=args.base_weight_sigma)
 
 
 # Released output kinds: file-name stem used by predict_one_stack.py, folder
@@ -91,13 +107,17 @@ class FusionResult:
 
     fused_gray: float32 HxW in [0, 1]; depth: float32 HxW in [0, 1];
     index: int64 HxW in [0, N-1]; num_slices: N; weights: float32 NxHxW
-    soft fusion weights (summing to 1 over N), None when fused picks by index.
+    soft fusion weights (summing to 1 over N), None when fused picks by index;
+    base_sigma, base_weight_sigma: the model's two-band blend (0: one band),
+    which the colour blend repeats.
     """
     fused_gray: np.ndarray
     depth: np.ndarray
     index: np.ndarray
     num_slices: int
     weights: Optional[np.ndarray] = None
+    base_sigma: float = 0.0
+    base_weight_sigma: float = 0.0
 
 
 def fuse_gray_batch(model, gray, device=None, max_memory=None, precision="fp32", fast=True,
@@ -143,6 +163,8 @@ def fuse_gray_batch(model, gray, device=None, max_memory=None, precision="fp32",
             index=resize_back(index[k], (h, w), nearest=True).astype(np.int64),
             num_slices=n,
             weights=None if weights is None else weights_at_size(weights[k], (h, w)),
+            base_sigma=model.base_sigma,
+            base_weight_sigma=model.base_weight_sigma,
         ))
     return results
 
@@ -181,11 +203,22 @@ def color_fuse(images, index: np.ndarray) -> np.ndarray:
     return fused
 
 
-def color_blend(images, weights: np.ndarray) -> np.ndarray:
+def color_blend(images, weights: np.ndarray, base_sigma: float = 0.0, base_weight_sigma: float = 0.0) -> np.ndarray:
     """Soft colour fusion: sum over slices of weights[k] * images[k], slice by slice
-    (one float image more than the inputs), rounded back to the input's type."""
+    (a few float images more than the inputs), rounded back to the input's type.
+
+    With ``base_sigma`` and ``base_weight_sigma`` above 0, the two-band blend of
+    ``model.blend_slices``, each colour channel on its own."""
     total = np.zeros(images[0].shape, np.float32)
+    two_bands = bool(base_sigma and base_weight_sigma)
     for image, weight in zip(images, weights):
+        if two_bands:       # base by smoothed weights: add (smooth(w) - w) * base(image)
+            planes = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
+            planes = planes.permute(2, 0, 1) if image.ndim == 3 else planes[None]   # (C, H, W)
+            base = gaussian_blur(planes[None], base_sigma)[0]
+            smooth = gaussian_blur(torch.from_numpy(weight)[None, None], base_weight_sigma)[0]
+            correction = ((smooth - torch.from_numpy(weight)) * base).numpy()
+            total += correction.transpose(1, 2, 0) if image.ndim == 3 else correction[0]
         total += image * (weight[..., None] if image.ndim == 3 else weight)
     return np.clip(np.rint(total), 0, dtype_max(images[0].dtype)).astype(images[0].dtype)
 
@@ -206,7 +239,7 @@ def render_outputs(result: FusionResult, images, reverse: bool = False) -> dict:
         "fused_gray": fused_gray,
         "depth_map": to_uint8(depth),
         "color_fused": (color_fuse(images, result.index) if result.weights is None
-                        else color_blend(images, result.weights)),
+                        else color_blend(images, result.weights, result.base_sigma, result.base_weight_sigma)),
         "depth_colormap": depth_colormap(depth),
         "depth_index": index.astype(np.int32),
         "depth_index_vis": index_picture(index, n),

@@ -199,6 +199,16 @@ def checked_depth_window(value) -> float:
     return checked_non_negative(value, "depth_window")
 
 
+def checked_base_sigma(value) -> float:
+    """``value`` as a float >= 0 (0: one band), else ValueError saying so."""
+    return checked_non_negative(value, "base_sigma")
+
+
+def checked_base_weight_sigma(value) -> float:
+    """``value`` as a float >= 0 (0: the base takes the detail's weights), else ValueError saying so."""
+    return checked_non_negative(value, "base_weight_sigma")
+
+
 # The focus prior's local sharpness: squared 4-neighbour Laplacian, smoothed
 # by a Gaussian of this sigma (pixels), plus a floor (squared Laplacian of
 # [0, 1] images, about that of 2-gray-level sensor noise) so that where no
@@ -217,6 +227,22 @@ def _gaussian_taps(sigma: float) -> torch.Tensor:
     return taps / taps.sum()
 
 
+def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of every channel: x (B, C, H, W) -> float32, same shape.
+
+    Edge pixels are repeated at the border, so any size works; sigma 0 returns x as float32."""
+    x = x.float()
+    if not sigma:
+        return x
+    b, c, h, w = x.shape
+    taps = _gaussian_taps(sigma).to(x.device)
+    r = len(taps) // 2
+    planes = x.reshape(b * c, 1, h, w)
+    planes = F.conv2d(F.pad(planes, (r, r, 0, 0), mode="replicate"), taps.view(1, 1, 1, -1))
+    planes = F.conv2d(F.pad(planes, (0, 0, r, r), mode="replicate"), taps.view(1, 1, -1, 1))
+    return planes.reshape(b, c, h, w)
+
+
 def focus_energy(x: torch.Tensor, sigma: float = FOCUS_ENERGY_SIGMA) -> torch.Tensor:
     """Local sharpness of every slice: x (B, N, H, W) -> (B, N, H, W) >= 0, float32.
 
@@ -225,11 +251,7 @@ def focus_energy(x: torch.Tensor, sigma: float = FOCUS_ENERGY_SIGMA) -> torch.Te
     padded = F.pad(x.reshape(b * n, 1, h, w).float(), (1, 1, 1, 1), mode="replicate")
     laplacian = (padded[..., :-2, 1:-1] + padded[..., 2:, 1:-1] + padded[..., 1:-1, :-2] + padded[..., 1:-1, 2:]
                  - 4 * padded[..., 1:-1, 1:-1])
-    taps = _gaussian_taps(sigma).to(x.device)
-    r = len(taps) // 2
-    energy = F.conv2d(F.pad(laplacian ** 2, (r, r, 0, 0), mode="replicate"), taps.view(1, 1, 1, -1))
-    energy = F.conv2d(F.pad(energy, (0, 0, r, r), mode="replicate"), taps.view(1, 1, -1, 1))
-    return energy.reshape(b, n, h, w)
+    return gaussian_blur(laplacian ** 2, sigma).reshape(b, n, h, w)
 
 
 def soft_fusion_weights(logits: torch.Tensor, temperature: float, stack: torch.Tensor = None,
@@ -264,6 +286,29 @@ def soft_fusion_weights(logits: torch.Tensor, temperature: float, stack: torch.T
     return torch.softmax(scores, dim=1)
 
 
+def blend_slices(stack: torch.Tensor, weights: torch.Tensor, base_sigma: float = 0.0,
+                 base_weight_sigma: float = 0.0) -> torch.Tensor:
+    """Fused image sum_k weights_k * stack_k: stack and weights (B, N, H, W) -> (B, 1, H, W) float32.
+
+    ``base_sigma`` s > 0 blends in two bands: each slice splits into its base
+    (Gaussian blur of sigma s px) and its detail (the rest). The detail takes
+    ``weights``; the base takes them smoothed by a Gaussian of
+    ``base_weight_sigma`` px, as multi-resolution blending does. Where the
+    weights jump from one slice to another, at a depth edge, the slices'
+    smooth parts differ (with real optics a near object's blur spills over
+    the far side), and a hard switch there leaves a seam in the low
+    frequencies; spread over a few pixels it fades, while the fine detail
+    keeps the sharp weights. Smoothing keeps the weights summing to 1, so a
+    stack of identical slices still fuses to that slice.
+    """
+    fused = (weights * stack).sum(dim=1, keepdim=True)
+    if base_sigma and base_weight_sigma:
+        # sum_k w_k x_k + sum_k (smooth(w)_k - w_k) base(x_k) = detail by w + base by smooth(w)
+        correction = (gaussian_blur(weights, base_weight_sigma) - weights) * gaussian_blur(stack, base_sigma)
+        fused = fused + correction.sum(dim=1, keepdim=True)
+    return fused
+
+
 class StackMFFV2(nn.Module):
     """The whole network.
 
@@ -275,11 +320,13 @@ class StackMFFV2(nn.Module):
     from the slice named by the index (released); above 0 the fused image
     blends the slices with ``soft_fusion_weights``, kept near the expected
     slice with ``depth_window`` and sharpened by the pixels' own detail with
-    ``focus_prior`` above 0.
+    ``focus_prior`` above 0, in two bands (``blend_slices``) with
+    ``base_sigma`` and ``base_weight_sigma`` above 0.
     """
 
     def __init__(self, index_rule: str = "minmax_round", views: int = 1, fusion_temperature: float = 0.0,
-                 focus_prior: float = 0.0, depth_window: float = 0.0):
+                 focus_prior: float = 0.0, depth_window: float = 0.0, base_sigma: float = 0.0,
+                 base_weight_sigma: float = 0.0):
         super().__init__()
         if index_rule not in INDEX_RULES:
             raise ValueError(f"index_rule must be one of {INDEX_RULES}, got {index_rule!r}")
@@ -289,6 +336,8 @@ class StackMFFV2(nn.Module):
         self.fusion_temperature = checked_fusion_temperature(fusion_temperature)
         self.focus_prior = checked_focus_prior(focus_prior)
         self.depth_window = checked_depth_window(depth_window)
+        self.base_sigma = checked_base_sigma(base_sigma)
+        self.base_weight_sigma = checked_base_weight_sigma(base_weight_sigma)
         self.feature_extraction = FeatureExtraction()
         self.layer_interaction = LayerInteraction()
 
@@ -313,7 +362,7 @@ class StackMFFV2(nn.Module):
         if not self.fusion_temperature:
             return gather_slices(x, index), depth, index, None
         weights = soft_fusion_weights(logits, self.fusion_temperature, x, self.focus_prior, self.depth_window)
-        return (weights * x).sum(dim=1, keepdim=True), depth, index, weights
+        return blend_slices(x, weights, self.base_sigma, self.base_weight_sigma), depth, index, weights
 
     def index_and_depth(self, logits: torch.Tensor):
         """Focus logits (B, N, H, W) -> (index (B, H, W) int64, depth (B, 1, H, W) in [0, 1])
@@ -386,6 +435,8 @@ class InferenceSettings(NamedTuple):
     fusion_temperature: float = 0.0
     focus_prior: float = 0.0
     depth_window: float = 0.0
+    base_sigma: float = 0.0
+    base_weight_sigma: float = 0.0
 
 
 def _card_number(card: dict, key: str, check, card_path: str) -> float:
@@ -416,23 +467,26 @@ def read_inference_settings(path) -> InferenceSettings:
     return InferenceSettings(rule, views,
                              _card_number(card, "fusion_temperature", checked_fusion_temperature, card_path),
                              _card_number(card, "focus_prior", checked_focus_prior, card_path),
-                             _card_number(card, "depth_window", checked_depth_window, card_path))
+                             _card_number(card, "depth_window", checked_depth_window, card_path),
+                             _card_number(card, "base_sigma", checked_base_sigma, card_path),
+                             _card_number(card, "base_weight_sigma", checked_base_weight_sigma, card_path))
 
 
 def load_model(path, device="cpu", index_rule=None, views=None, fusion_temperature=None,
-               focus_prior=None, depth_window=None) -> StackMFFV2:
+               focus_prior=None, depth_window=None, base_sigma=None, base_weight_sigma=None) -> StackMFFV2:
     """Build StackMFFV2 from a checkpoint: load on CPU, strict, then move and eval().
 
-    ``index_rule``, ``views``, ``fusion_temperature``, ``focus_prior`` and
-    ``depth_window`` None take what the JSON model card beside the
-    checkpoint (``model_card_path``) records, else the released
-    "minmax_round", 1 view and 0 (pick by index).
+    ``index_rule``, ``views``, ``fusion_temperature``, ``focus_prior``,
+    ``depth_window``, ``base_sigma`` and ``base_weight_sigma`` None take
+    what the JSON model card beside the checkpoint (``model_card_path``)
+    records, else the released "minmax_round", 1 view and 0 (pick by index).
     Raises CheckpointError with one sentence naming the file when it is
     missing, not a checkpoint, or the weights of another architecture.
     """
     state_dict = read_state_dict(path)
     asked = dict(index_rule=index_rule, views=views, fusion_temperature=fusion_temperature,
-                 focus_prior=focus_prior, depth_window=depth_window)
+                 focus_prior=focus_prior, depth_window=depth_window, base_sigma=base_sigma,
+                 base_weight_sigma=base_weight_sigma)
     settings = read_inference_settings(path)._replace(**{k: v for k, v in asked.items() if v is not None})
     model = StackMFFV2(**settings._asdict())
     expected = model.state_dict()

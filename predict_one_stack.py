@@ -10,8 +10,7 @@ import argparse
 import time
 from pathlib import Path
 
-from inference import OUTPUT_KINDS, add_model_arguments, fuse_images, render_outputs, write_outputs
-from model import load_model
+from inference import OUTPUT_KINDS, add_model_arguments, fuse_images, model_from_args, render_outputs, write_outputs
 from Registration import add_align_argument, align_stack
 from utils import ensure_output_dir, read_stack, refuse_output_into_input, run_cli, select_device
 
@@ -42,9 +41,7 @@ def main(args):
     images, names = read_stack(args.input_dir)
     if args.align != "none":
         images = align_stack(images, method=args.align, progress=True)
-    model = load_model(args.model_path, device, index_rule=args.index_rule, views=args.views,
-                       fusion_temperature=args.fusion_temperature, focus_prior=args.focus_prior,
-                       depth_window=args.depth_window)
+    model = model_from_args(args, device)
     output_dir = ensure_output_dir(args.output_dir)
     start = time.perf_counter()
     result = fuse_images(model, images, device, args.max_memory, args.precision)

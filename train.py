@@ -31,7 +31,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dataset import FocusStackDataset, GroupedBatchSampler, dataset_name
-from inference import depth_window_arg, focus_prior_arg, fusion_temperature_arg
+from inference import (base_sigma_arg, base_weight_sigma_arg, depth_window_arg, focus_prior_arg,
+                       fusion_temperature_arg)
 from model import (TEST_VIEWS, StackMFFV2, depth_map_creation, load_model, model_card_path, soft_fusion_weights,
                    write_model_card)
 from network_blocks import ConvGRUCell
@@ -193,6 +194,10 @@ def get_args_parser():
                      help="focus prior of the exported model card (0: none; see docs/weights.md)")
     run.add_argument("--export_depth_window", type=depth_window_arg, default=0.0,
                      help="depth window of the exported model card (0: none; see docs/weights.md)")
+    run.add_argument("--export_base_sigma", type=base_sigma_arg, default=0.0,
+                     help="base band of the exported model card's two-band blend, px (0: one band)")
+    run.add_argument("--export_base_weight_sigma", type=base_weight_sigma_arg, default=0.0,
+                     help="smoothing of the base band's weights in the exported model card, px")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--device", type=str, default=None, help="cpu, cuda, cuda:1, mps (default: best available)")
     run.add_argument("--num_threads", type=int, default=None, help="CPU threads for PyTorch (default: its own)")
@@ -761,6 +766,7 @@ def export_weights(model: StackMFFV2, args, commit: str, seconds: float, epochs:
     write_model_card(path, {"index_rule": "argmax" if args.loss == "mse+ce" else "minmax_round",
                             "views": args.export_views, "fusion_temperature": args.export_fusion_temperature,
                             "focus_prior": args.export_focus_prior, "depth_window": args.export_depth_window,
+                            "base_sigma": args.export_base_sigma, "base_weight_sigma": args.export_base_weight_sigma,
                             "trained_by": "train.py", "git_commit": commit, "epochs_done": epochs,
                             "train_seconds": round(seconds), "torch": torch.__version__, "args": vars(args)})
     print(f"exported the final weights to {path} (model card {Path(model_card_path(path)).name})")

@@ -63,6 +63,8 @@ def get_args_parser():
                         help="also run each network with these focus priors (0: none)")
     models.add_argument("--extra_depth_window", type=float, nargs="+", default=[], metavar="W",
                         help="also run each network with these depth windows (0: none)")
+    models.add_argument("--extra_base_weight_sigma", type=float, nargs="+", default=[], metavar="B",
+                        help="also run each network with these base-band weight sigmas (0: one band)")
     gt = parser.add_argument_group("ground-truth sets")
     gt.add_argument("--slices", type=int, nargs="+", default=[8, 16], help="stack lengths")
     gt.add_argument("--crop", type=int, nargs=2, default=[256, 320], metavar=("H", "W"), help="crop size")
@@ -154,6 +156,8 @@ def make_fusers(args):
                      for p in args.extra_focus_prior if p != card.focus_prior]
         variants += [(card._replace(depth_window=w), f"{name} (depth window {w:g})")
                      for w in args.extra_depth_window if w != card.depth_window]
+        variants += [(card._replace(base_weight_sigma=b), f"{name} ({'one band' if b == 0 else f'base weights {b:g} px'})")
+                     for b in args.extra_base_weight_sigma if b != card.base_weight_sigma]
         for settings, label in variants:
             fusers.append((label, network_fuser(load_model(path, "cpu", **settings._asdict()))))
     fusers.append(("classical", classical_fuse))

@@ -1,4 +1,4 @@
-"""Choose the soft-fusion temperature, focus prior and depth window of a checkpoint on held-out synthetic stacks.
+"""Choose the soft-fusion temperature, focus prior, depth window and bands of a checkpoint on held-out synthetic stacks.
 
     python bench/tune_fusion.py                 # the shipped weights, about 4.5 minutes on 2 idle cores
 
@@ -7,7 +7,9 @@ training did not use (``--seed``, default 7): ``--per_set`` scenes of
 ``--size`` pixels for each of 8 and 16 slices and each blur mode, clean and
 with each ``--noise`` level added. The network's focus logits are computed
 once per stack (with the model card's views and index rule); every setting
-(temperature, 0: pick by index; focus prior; depth window) then fuses them.
+(temperature, 0: pick by index; focus prior; depth window; with
+``--base_sigmas`` above 0, the two-band blend of ``model.blend_slices``
+with each of ``--base_weight_sigmas``) then fuses them.
 Printed: mean PSNR of the fused gray image against the all-in-focus image
 per set, and the score, the mean over sets, with each stack's PSNR capped
 at ``--cap`` dB so that near-perfect stacks (inf at T = 0) neither dominate
@@ -30,7 +32,7 @@ from fast_inference import fast_focus_logits  # noqa: E402
 from inference import DEFAULT_MODEL  # noqa: E402
 from make_datasets.make_synthetic import check_min_step_share, kept_scenes, physical_available  # noqa: E402
 from metrics import psnr as gray_psnr  # noqa: E402
-from model import gather_slices, load_model, multi_view_logits, soft_fusion_weights  # noqa: E402
+from model import blend_slices, gather_slices, load_model, multi_view_logits, soft_fusion_weights  # noqa: E402
 from utils import run_cli, stack_to_tensor, to_gray_float  # noqa: E402
 
 
@@ -43,6 +45,11 @@ def get_args_parser():
                         help="candidates (0: none); each is tried with every temperature above 0")
     parser.add_argument("--depth_windows", type=float, nargs="+", default=[0, 0.75, 1, 1.5],
                         help="candidates (0: none); each is tried with every temperature above 0")
+    parser.add_argument("--base_sigmas", type=float, nargs="+", default=[0],
+                        help="two-band blend: Gaussian sigmas (px) of the base band (0: one band, the default)")
+    parser.add_argument("--base_weight_sigmas", type=float, nargs="+", default=[0.7],
+                        help="Gaussian sigmas (px) that smooth the base band's weights, tried with every base sigma "
+                             "above 0")
     parser.add_argument("--noise", type=float, nargs="+", default=[0, 2],
                         help="sets with Gaussian sensor noise of this sigma in gray levels (0-255) added to "
                              "every slice (0: clean); the score spans them all, so the choice holds on photos")
@@ -64,8 +71,9 @@ def main(args):
     logits_of = partial(fast_focus_logits, model)
     blurs = ["released"] + (["physical"] if physical_available() else [])
     sets = [(blur, n, noise) for noise in args.noise for blur in blurs for n in (8, 16)]
-    candidates = [(t, p, w) for t in args.temperatures for p in (args.focus_priors if t else [0])
-                  for w in (args.depth_windows if t else [0])]
+    candidates = [(t, p, w, bs, bw) for t in args.temperatures for p in (args.focus_priors if t else [0])
+                  for w in (args.depth_windows if t else [0]) for bs in (args.base_sigmas if t else [0])
+                  for bw in (args.base_weight_sigmas if bs else [0])]
     psnr = {(s, c): [] for s in sets for c in candidates}
     with torch.inference_mode(), tqdm(total=len(sets) * args.per_set, desc="stacks", unit="stack") as bar:
         for blur, n, noise in sets:
@@ -78,26 +86,28 @@ def main(args):
                     x = (x.clamp(0, 1) * 255).round() / 255
                 logits = multi_view_logits(logits_of, x, model.views)
                 aif = to_gray_float(image)
-                for t, p, w in candidates:
+                for t, p, w, bs, bw in candidates:
                     if t == 0:
                         fused = gather_slices(x, model.index_and_depth(logits)[0])
                     else:
-                        fused = (soft_fusion_weights(logits, t, x, p, w) * x).sum(dim=1, keepdim=True)
+                        fused = blend_slices(x, soft_fusion_weights(logits, t, x, p, w), bs, bw)
                     # metrics.psnr works on the 0..255 scale (the same dB) and gives inf when exact.
-                    psnr[((blur, n, noise), (t, p, w))].append(gray_psnr(fused[0, 0].clamp(0, 1).numpy() * 255, aif * 255))
+                    psnr[((blur, n, noise), (t, p, w, bs, bw))].append(gray_psnr(fused[0, 0].clamp(0, 1).numpy() * 255, aif * 255))
                 bar.update()
     names = [f"{blur} {n}" + (f" +noise {noise:g}" if noise else "") for blur, n, noise in sets]
     print(f"\nmean PSNR (dB) of {args.per_set} stacks per set, seed {args.seed}, {args.size} px; "
           f"score: mean over sets, each stack capped at {args.cap:g} dB")
-    print("| T | focus prior | depth window | " + " | ".join(names) + " | score |")
-    print("|---:|---:|---:|" + "---:|" * (len(names) + 1))
+    print("| T | focus prior | depth window | base sigma | base weight sigma | " + " | ".join(names) + " | score |")
+    print("|---:|---:|---:|---:|---:|" + "---:|" * (len(names) + 1))
     scores = {}
     for c in candidates:
         means = [np.mean(psnr[(s, c)]) for s in sets]
         scores[c] = float(np.mean([np.mean(np.minimum(psnr[(s, c)], args.cap)) for s in sets]))
-        print(f"| {c[0]:g} | {c[1]:g} | {c[2]:g} | " + " | ".join(f"{m:.2f}" for m in means) + f" | {scores[c]:.3f} |")
+        print("| " + " | ".join(f"{v:g}" for v in c) + " | " + " | ".join(f"{m:.2f}" for m in means)
+              + f" | {scores[c]:.3f} |")
     best = max(scores, key=scores.get)
-    print(f"\nbest: temperature {best[0]:g}, focus prior {best[1]:g}, depth window {best[2]:g} "
+    print(f"\nbest: temperature {best[0]:g}, focus prior {best[1]:g}, depth window {best[2]:g}, "
+          f"base sigma {best[3]:g}, base weight sigma {best[4]:g} "
           f"({'pick by index' if best[0] == 0 else 'soft fusion'})")
     return best
 

@@ -99,7 +99,7 @@ def test_temperature_comes_from_the_model_card_and_can_be_overridden(tmp_path):
     torch.save(StackMFFV2().state_dict(), path)
     assert load_model(path).fusion_temperature == 0                 # no card: the released pick
     write_model_card(path, {"index_rule": "argmax", "fusion_temperature": 0.1})
-    assert read_inference_settings(path) == ("argmax", 1, 0.1, 0.0, 0.0)
+    assert read_inference_settings(path) == ("argmax", 1, 0.1, 0.0, 0.0, 0.0, 0.0)
     assert load_model(path).fusion_temperature == 0.1
     assert load_model(path, fusion_temperature=0).fusion_temperature == 0
     for bad in (-0.5, "warm", True):

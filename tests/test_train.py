@@ -313,7 +313,8 @@ class TestTraining:
                                        "--zoom", "1.5", "--contrast", "0.3", "--lr_schedule", "cosine",
                                        "--loss", "mse+ce", "--ce_weight", "1", "--fusion_weight", "1",
                                        "--distance_weight", "1", "--export", str(export),
-                                       "--export_fusion_temperature", "0.1"))
+                                       "--export_fusion_temperature", "0.1", "--export_base_sigma", "2",
+                                       "--export_base_weight_sigma", "0.7"))
         assert summary["history"][0]["train_loss"] > 0
         saved = torch.load(tmp_path / "run" / "last.pth", weights_only=True)
         exported = torch.load(export, weights_only=True)
@@ -324,6 +325,7 @@ class TestTraining:
         assert card["args"]["crop"] == 32 and card["epochs_done"] == 1
         model = load_model(str(export))
         assert model.index_rule == "argmax" and model.fusion_temperature == 0.1
+        assert (model.base_sigma, model.base_weight_sigma) == (2.0, 0.7)
         assert "exported the final weights" in capsys.readouterr().out
 
     def test_resume_of_a_finished_run_still_exports(self, reference_run, data, tmp_path):
