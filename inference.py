@@ -14,8 +14,8 @@ import torch
 from tqdm import tqdm
 
 from fast_inference import PRECISIONS, fast_outputs, tiled_forward
-from model import (INDEX_RULES, TEST_VIEWS, checked_base_sigma, checked_base_weight_sigma, checked_depth_window,
-                   checked_focus_prior, checked_fusion_temperature, gaussian_blur, load_model)
+from model import (INDEX_RULES, TEST_VIEWS, base_band_correction, checked_base_sigma, checked_base_weight_sigma,
+                   checked_depth_window, checked_focus_prior, checked_fusion_temperature, load_model, uses_base_band)
 from utils import (depth_colormap, dtype_max, index_picture, resize_back, resize_to_multiple,
                    stack_to_tensor, to_gray, to_uint8, write_image, write_npy)
 
@@ -210,14 +210,13 @@ def color_blend(images, weights: np.ndarray, base_sigma: float = 0.0, base_weigh
     With ``base_sigma`` and ``base_weight_sigma`` above 0, the two-band blend of
     ``model.blend_slices``, each colour channel on its own."""
     total = np.zeros(images[0].shape, np.float32)
-    two_bands = bool(base_sigma and base_weight_sigma)
+    two_bands = uses_base_band(base_sigma, base_weight_sigma)
     for image, weight in zip(images, weights):
-        if two_bands:       # base by smoothed weights: add (smooth(w) - w) * base(image)
+        if two_bands:
             planes = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
-            planes = planes.permute(2, 0, 1) if image.ndim == 3 else planes[None]   # (C, H, W)
-            base = gaussian_blur(planes[None], base_sigma)[0]
-            smooth = gaussian_blur(torch.from_numpy(weight)[None, None], base_weight_sigma)[0]
-            correction = ((smooth - torch.from_numpy(weight)) * base).numpy()
+            planes = planes.permute(2, 0, 1) if image.ndim == 3 else planes[None]      # (C, H, W)
+            correction = base_band_correction(planes[None], torch.from_numpy(weight)[None, None], base_sigma,
+                                              base_weight_sigma)[0].numpy()            # (C, H, W)
             total += correction.transpose(1, 2, 0) if image.ndim == 3 else correction[0]
         total += image * (weight[..., None] if image.ndim == 3 else weight)
     return np.clip(np.rint(total), 0, dtype_max(images[0].dtype)).astype(images[0].dtype)

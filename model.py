@@ -302,11 +302,26 @@ def blend_slices(stack: torch.Tensor, weights: torch.Tensor, base_sigma: float =
     stack of identical slices still fuses to that slice.
     """
     fused = (weights * stack).sum(dim=1, keepdim=True)
-    if base_sigma and base_weight_sigma:
-        # sum_k w_k x_k + sum_k (smooth(w)_k - w_k) base(x_k) = detail by w + base by smooth(w)
-        correction = (gaussian_blur(weights, base_weight_sigma) - weights) * gaussian_blur(stack, base_sigma)
-        fused = fused + correction.sum(dim=1, keepdim=True)
-    return fused
+    correction = base_band_correction(stack, weights, base_sigma, base_weight_sigma)
+    return fused if correction is None else fused + correction.sum(dim=1, keepdim=True)
+
+
+def uses_base_band(base_sigma: float, base_weight_sigma: float) -> bool:
+    """Whether these settings blend in two bands (both sigmas above 0)."""
+    return bool(base_sigma and base_weight_sigma)
+
+
+def base_band_correction(planes: torch.Tensor, weights: torch.Tensor, base_sigma: float,
+                         base_weight_sigma: float):
+    """What the two-band blend adds to weights * planes, per plane: (smooth(weights) - weights) * base(planes),
+    since sum_k w_k x_k + sum_k (smooth(w)_k - w_k) base(x_k) = detail by w + base by smooth(w).
+
+    planes (B, C, H, W) and weights (B, C or 1, H, W) broadcast: the slices of a gray stack with their
+    weights, or the colour channels of one slice with its weight. None when either sigma is 0 (one band).
+    """
+    if not uses_base_band(base_sigma, base_weight_sigma):
+        return None
+    return (gaussian_blur(weights, base_weight_sigma) - weights) * gaussian_blur(planes, base_sigma)
 
 
 class StackMFFV2(nn.Module):

@@ -156,7 +156,8 @@ def make_fusers(args):
                      for p in args.extra_focus_prior if p != card.focus_prior]
         variants += [(card._replace(depth_window=w), f"{name} (depth window {w:g})")
                      for w in args.extra_depth_window if w != card.depth_window]
-        variants += [(card._replace(base_weight_sigma=b), f"{name} ({'one band' if b == 0 else f'base weights {b:g} px'})")
+        variants += [(card._replace(base_weight_sigma=b),
+                      f"{name} ({'one band' if b == 0 else f'base weights {b:g} px'})")
                      for b in args.extra_base_weight_sigma if b != card.base_weight_sigma]
         for settings, label in variants:
             fusers.append((label, network_fuser(load_model(path, "cpu", **settings._asdict()))))

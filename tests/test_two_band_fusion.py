@@ -9,17 +9,11 @@ import numpy as np
 import pytest
 import torch
 
+from inference import add_model_arguments, color_blend, fuse_gray_batch, model_from_args, render_outputs
+from model import (CheckpointError, StackMFFV2, blend_slices, gaussian_blur, load_model, read_inference_settings,
+                   write_model_card)
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from inference import add_model_arguments, color_blend, fuse_gray_batch, model_from_args, render_outputs  # noqa: E402
-from model import (CheckpointError, StackMFFV2, blend_slices, gaussian_blur, load_model,  # noqa: E402
-                   read_inference_settings, write_model_card)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    torch.set_num_threads(1)
 
 
 def seam_scene(offset_left=0.2, offset_right=-0.1, size=(24, 40), edge=20):
