@@ -33,8 +33,8 @@ from tqdm import tqdm
 from dataset import FocusStackDataset, GroupedBatchSampler, dataset_name
 from inference import (base_sigma_arg, base_weight_sigma_arg, depth_window_arg, focus_prior_arg,
                        fusion_temperature_arg)
-from model import (TEST_VIEWS, StackMFFV2, depth_map_creation, load_model, model_card_path, soft_fusion_weights,
-                   write_model_card)
+from model import (TEST_VIEWS, StackMFFV2, blend_slices, depth_map_creation, load_model, model_card_path,
+                   soft_fusion_weights, write_model_card)
 from network_blocks import ConvGRUCell
 from utils import (InputError, depth_colormap, ensure_output_dir, run_cli, write_bytes, write_text,
                    select_device, write_image)
@@ -46,14 +46,19 @@ SPOILT_MARGIN = 0.02        # gray levels in [0, 1]: how much worse the true sli
 LR_SCHEDULES = ("exponential", "cosine")
 COSINE_FLOOR = 0.05         # the cosine schedule ends at this fraction of --lr
 PLAIN_BLEND = (1.0, 0.0, 0.0)  # --fusion_blend default: temperature 1, no focus prior, no depth window
+ONE_BAND = (0.0, 0.0)          # --fusion_bands default: base sigma and base weight sigma 0, one band
 TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes", "y", "on"), ("false", "0", "no", "n", "off")
 
 
-def fusion_blend_arg(text) -> float:
-    value = float(text)
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"the --fusion_blend values must be finite and >= 0, got {text!r}")
-    return value
+def non_negative_values_of(flag: str):
+    """An argparse type for the numbers of ``flag``: finite and >= 0, else a message naming the flag."""
+    def parse(text) -> float:
+        value = float(text)
+        if not math.isfinite(value) or value < 0:
+            raise argparse.ArgumentTypeError(f"the {flag} values must be finite and >= 0, got {text!r}")
+        return value
+    parse.__name__ = flag  # argparse says "invalid <name> value" for text that is no number
+    return parse
 
 
 def parse_bool(text) -> bool:
@@ -158,11 +163,16 @@ def get_args_parser():
     optim.add_argument("--fusion_weight", type=float, default=0.0,
                        help="weight of an L1 term between the softmax-weighted fused image and the all-in-focus "
                             "image (the slice picked by the ground truth at every pixel); 0: off")
-    optim.add_argument("--fusion_blend", type=fusion_blend_arg, nargs=3, default=PLAIN_BLEND,
+    optim.add_argument("--fusion_blend", type=non_negative_values_of("--fusion_blend"), nargs=3, default=PLAIN_BLEND,
                        metavar=("T", "PRIOR", "WINDOW"),
                        help="temperature, focus prior and depth window of the blend that --fusion_weight's term "
                             "scores (model.soft_fusion_weights). Default 1 0 0: the plain softmax. Give the "
                             "card's values (e.g. 1 4 1.5) to train the very fused image the predict scripts make")
+    optim.add_argument("--fusion_bands", type=non_negative_values_of("--fusion_bands"), nargs=2, default=ONE_BAND,
+                       metavar=("BASE_SIGMA", "BASE_WEIGHT_SIGMA"),
+                       help="two-band blend (model.blend_slices) of the fused image --fusion_weight's term "
+                            "scores: the card's base_sigma and base_weight_sigma (e.g. 2 0.7). Default 0 0: one "
+                            "band")
     optim.add_argument("--distance_weight", type=float, default=0.0,
                        help="weight of the expected distance, in slices, between the softmax over slices and the "
                             "ground-truth slice (a far miss costs more than a near one); 0: off")
@@ -289,7 +299,7 @@ def sharpest_slice_index(stack: torch.Tensor, all_in_focus: torch.Tensor, true_i
 
 def depth_loss(logits, depth, target, loss: str = "mse", ce_weight: float = 0.1, stack=None,
                fusion_weight: float = 0.0, distance_weight: float = 0.0, ce_target: str = "true",
-               fusion_blend=PLAIN_BLEND) -> torch.Tensor:
+               fusion_blend=PLAIN_BLEND, fusion_bands=ONE_BAND) -> torch.Tensor:
     """Released MSE of depth (B, 1, H, W) vs target[:, :1] (B, 1, H, W) in [0, 1], plus for
     ``mse+ce`` a cross-entropy of logits (B, N, H, W) against the ground-truth
     slice index, plus with ``fusion_weight`` an L1 between the softmax-weighted
@@ -300,7 +310,8 @@ def depth_loss(logits, depth, target, loss: str = "mse", ce_weight: float = 0.1,
     the distance term at ``sharpest_slice_index`` instead of the true slice.
     ``fusion_blend`` (temperature, focus prior, depth window) makes the fusion
     term score ``soft_fusion_weights`` with those settings instead of the plain
-    softmax, so that a card's fused image itself is trained.
+    softmax, so that a card's fused image itself is trained; ``fusion_bands``
+    (base sigma, base weight sigma) blends it in two bands as the card does.
 
     The fusion term weighs each pixel by how much a wrong slice would change
     the fused image, which is what the fused image's PSNR measures: in flat
@@ -322,7 +333,7 @@ def depth_loss(logits, depth, target, loss: str = "mse", ce_weight: float = 0.1,
     if fusion_weight:
         temperature, focus_prior, depth_window = fusion_blend
         blend = soft_fusion_weights(logits, temperature, stack, focus_prior, depth_window)  # (B, N, H, W)
-        fused = (blend * stack.float()).sum(dim=1)                               # (B, H, W)
+        fused = blend_slices(stack.float(), blend, *fusion_bands)[:, 0]          # (B, H, W)
         if target.shape[1] > 1:
             all_in_focus = target[:, 1]                                          # (B, H, W)
         else:
@@ -508,7 +519,7 @@ def train_one_epoch(net, loader, optimizer, scaler, runtime: Runtime, epoch: int
         with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
             logits, depth = net(stack)
         loss = depth_loss(logits, depth, target, args.loss, args.ce_weight, stack, args.fusion_weight,
-                          args.distance_weight, args.ce_target, args.fusion_blend)
+                          args.distance_weight, args.ce_target, args.fusion_blend, args.fusion_bands)
         value = loss.detach().float()
         if runtime.distributed:  # every process must take the same decision below
             dist.all_reduce(value)

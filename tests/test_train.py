@@ -167,6 +167,30 @@ class TestInitAndLoss:
         torch.testing.assert_close(train.depth_loss(logits, torch.ones(2, 1, 8, 8), sharp, "mse", stack=textured,
                                                     fusion_weight=3.0, fusion_blend=(0.5, 4.0, 1.5)), expected)
 
+    def test_fusion_bands_score_the_two_band_fused_image(self):
+        # Two slices that differ by an offset, picked left | right: one band leaves a step at the
+        # seam, two bands smooth it. The term must be the L1 of exactly model.blend_slices' image.
+        torch.manual_seed(0)
+        texture = torch.rand(1, 1, 16, 16)
+        stack = torch.cat((texture, texture + 0.3), dim=1)                      # (1, 2, 16, 16)
+        logits = torch.zeros(1, 2, 16, 16)
+        logits[:, 0, :, :8], logits[:, 1, :, 8:] = 30.0, 30.0
+        target = torch.cat((torch.ones(1, 1, 16, 16), texture + 0.15), dim=1)
+        depth = torch.ones(1, 1, 16, 16)
+        blend = train.soft_fusion_weights(logits, 1.0, stack, 0.0, 0.0)
+        losses = {}
+        for bands in ((0.0, 0.0), (2.0, 0.7)):
+            expected = 5.0 * (train.blend_slices(stack, blend, *bands)[:, 0] - target[:, 1]).abs().mean()
+            losses[bands] = train.depth_loss(logits, depth, target, "mse", stack=stack, fusion_weight=5.0,
+                                             fusion_bands=bands)
+            torch.testing.assert_close(losses[bands], expected)
+        assert losses[(0.0, 0.0)].item() == pytest.approx(5.0 * 0.15, abs=1e-4)   # one band: 0.15 off everywhere
+        assert losses[(2.0, 0.7)] != losses[(0.0, 0.0)]
+        result = subprocess.run([sys.executable, "train.py", "--train_dataset", str(REPO), str(REPO),
+                                 "--fusion_bands", "2", "x"], cwd=REPO, capture_output=True, text=True)
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert "invalid --fusion_bands value: 'x'" in result.stderr
+
     def test_fusion_blend_needs_a_temperature(self, data, tmp_path):
         with pytest.raises(InputError, match="temperature of --fusion_blend must be above 0"):
             train.main(tiny_args(data, tmp_path, "--fusion_weight", "1", "--fusion_blend", "0", "4", "1.5"))

@@ -27,6 +27,19 @@ def seam_scene(offset_left=0.2, offset_right=-0.1, size=(24, 40), edge=20):
     return texture, stack, weights, (offset_left, offset_right)
 
 
+@pytest.mark.parametrize("sigma, size", [(0.5, (17, 23)), (0.7, (9, 31)), (2.0, (40, 33)), (2.0, (3, 2))])
+def test_gaussian_blur_is_opencvs_with_replicated_borders(sigma, size):
+    # The same Gaussian (radius 4 sigma, at least 1) and border rule as OpenCV, also on images
+    # smaller than the kernel, for every plane of a (B, C, H, W) batch.
+    planes = np.random.default_rng(3).random((2, 3, *size), dtype=np.float32)
+    radius = max(1, round(4 * sigma))
+    expected = np.stack([[cv2.GaussianBlur(p, (2 * radius + 1, 2 * radius + 1), sigma, sigmaY=sigma,
+                                           borderType=cv2.BORDER_REPLICATE) for p in batch] for batch in planes])
+    blurred = gaussian_blur(torch.from_numpy(planes), sigma)
+    assert blurred.dtype == torch.float32 and blurred.shape == (2, 3, *size)
+    np.testing.assert_allclose(blurred.numpy(), expected, atol=2e-6, rtol=0)
+
+
 def test_the_base_takes_the_smoothed_weights_and_the_detail_the_sharp_ones():
     texture, stack, weights, offsets = seam_scene()
     one_band = blend_slices(stack, weights)
