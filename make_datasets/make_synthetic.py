@@ -5,7 +5,9 @@
 All-in-focus images are random crops of the photographs that ship with
 scikit-image (``stereo_motorcycle`` is left out: the benchmark reserves it)
 or procedural textures; depth maps are procedural (slanted planes, smooth
-blobs, flat objects whose depth edges follow edges of the image). Each stack
+blobs, flat objects whose depth edges follow edges of the image) or, with
+``--depth segments``, planes over Felzenszwalb segments of the image (depth
+steps everywhere along the picture's edges, as in real scenes). Each stack
 has between ``--min_slices`` and ``--max_slices`` slices, blurred with the
 released synthesis (``make_datasets.synthesis.released_stack``) or the
 physical one (``physical_stack``) when it is available. ``--min_step_share``
@@ -35,6 +37,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from skimage.segmentation import felzenszwalb
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -51,6 +54,7 @@ PHOTO_NAMES = (
 )
 RESERVED_FOR_EVALUATION = ("stereo_motorcycle",)
 BLUR_MODES = ("released", "physical", "mixed")
+DEPTH_KINDS = ("procedural", "segments", "mixed")
 
 
 def physical_available() -> bool:
@@ -184,6 +188,35 @@ def random_depth(rng, image: np.ndarray) -> np.ndarray:
     return depth.astype(np.float32)
 
 
+def surfaces_over_segments(rng, labels: np.ndarray) -> np.ndarray:
+    """Depth (float32 HxW, any range) that is one plane on every segment of labels (HxW ints 0..K-1).
+
+    Each segment takes one of a few object levels plus its own small tilt,
+    and a slant is shared by all: neighbouring segments often lie on one
+    surface, the rest step from one surface to another.
+    """
+    size_y, size_x = labels.shape
+    count = int(labels.max()) + 1
+    levels = rng.uniform(0, 1, int(rng.integers(2, 9)))
+    yy, xx = np.mgrid[0:size_y, 0:size_x].astype(np.float32) / max(size_y, size_x)
+    tilt_x, tilt_y = rng.normal(0, 0.15, count), rng.normal(0, 0.15, count)
+    depth = levels[rng.integers(0, len(levels), count)][labels] + tilt_x[labels] * xx + tilt_y[labels] * yy
+    angle = rng.uniform(0, 2 * np.pi)       # drawn last, as in the sets made before this was split out
+    return (depth + 0.3 * (np.cos(angle) * xx + np.sin(angle) * yy)).astype(np.float32)
+
+
+def segment_depth(rng, image: np.ndarray) -> np.ndarray:
+    """Piecewise-planar depth over Felzenszwalb segments of the image, float32 HxW (any range).
+
+    Real scenes (the benchmark's disparity, say) are made of many surfaces
+    whose borders are edges of the picture, so depth steps are everywhere,
+    not only around a few pasted shapes.
+    """
+    labels = felzenszwalb(cv2.cvtColor(image, cv2.COLOR_BGR2RGB), scale=float(rng.uniform(50, 400)),
+                          sigma=0.8, min_size=int(rng.integers(30, 200)))
+    return surfaces_over_segments(rng, labels)
+
+
 def stretch_to_8bit(depth: np.ndarray) -> np.ndarray:
     """Full-range 8-bit depth: min -> 0, max -> 255 (a flat map becomes a left-right ramp)."""
     lo, hi = float(depth.min()), float(depth.max())
@@ -215,8 +248,12 @@ def depth_step_share(index: np.ndarray) -> float:
     return float((spread >= 2).mean())
 
 
-def make_scene(seed: int, scene: int, size: int, slice_range, blur: str, min_step_share: float = 0.0):
-    """One stack, reproducible from (seed, scene).
+def make_scene(seed: int, scene: int, size: int, slice_range, blur: str, min_step_share: float = 0.0,
+               depth_kind: str = "procedural"):
+    """One stack, reproducible from (seed, scene, depth_kind).
+
+    depth_kind: ``random_depth``'s procedural layouts, ``segment_depth``'s
+    surfaces over image segments, or a 50/50 mix of the two.
 
     Returns (slices: list of N size x size x 3 uint8 near to far,
     depth_map: size x size uint8 as documented in the module,
@@ -227,7 +264,9 @@ def make_scene(seed: int, scene: int, size: int, slice_range, blur: str, min_ste
     rng = np.random.default_rng([seed, scene])
     num_slices = int(rng.integers(slice_range[0], slice_range[1] + 1))
     image = random_image(rng, size)
-    depth8 = stretch_to_8bit(random_depth(rng, image))
+    # The procedural kind draws nothing extra, so its scenes stay those of earlier sets.
+    use_segments = depth_kind == "segments" or (depth_kind == "mixed" and rng.random() < 0.5)
+    depth8 = stretch_to_8bit(segment_depth(rng, image) if use_segments else random_depth(rng, image))
     use_physical = blur == "physical" or (blur == "mixed" and rng.random() < 0.5)
     if min_step_share:     # on the index the chosen blur will use (the two quantise differently)
         index = synthesis.nearest_plane(depth8, num_slices) if use_physical else \
@@ -247,12 +286,13 @@ def check_min_step_share(value: float):
         raise InputError(f"--min_step_share must be at least 0 and below 1, got {value:g}")
 
 
-def kept_scenes(seed: int, first: int, count: int, size: int, slice_range, blur: str, min_step_share: float = 0.0):
+def kept_scenes(seed: int, first: int, count: int, size: int, slice_range, blur: str, min_step_share: float = 0.0,
+                depth_kind: str = "procedural"):
     """Yield (scene number, make_scene's result) for the first ``count`` scenes from ``first`` on
     that pass ``min_step_share``."""
     scene, kept = first, 0
     while kept < count:
-        result = make_scene(seed, scene, size, slice_range, blur, min_step_share)
+        result = make_scene(seed, scene, size, slice_range, blur, min_step_share, depth_kind)
         if result is not None:
             yield scene, result
             kept += 1
@@ -272,6 +312,9 @@ def get_args_parser():
     gen.add_argument("--max_slices", type=int, default=32, help="most slices per stack (<= 32)")
     gen.add_argument("--blur", type=str, default="released", choices=BLUR_MODES,
                      help="released Gaussian levels, physical blur, or a 50/50 mix")
+    gen.add_argument("--depth", type=str, default="procedural", choices=DEPTH_KINDS,
+                     help="depth layouts: procedural (planes, blobs, shapes), segments (surfaces over image "
+                          "segments, steps everywhere as in real scenes), or a 50/50 mix")
     gen.add_argument("--seed", type=int, default=0, help="scene i depends only on (seed, i)")
     gen.add_argument("--min_step_share", type=float, default=0.0,
                      help="skip scenes with fewer pixels than this share near a depth step of 2 slices or "
@@ -294,7 +337,7 @@ def main(args):
     ensure_output_dir(root / "all_in_focus")
     for scene, (slices, depth_map, sharp) in tqdm(
             kept_scenes(args.seed, args.first, args.num_stacks, args.size, (args.min_slices, args.max_slices),
-                        args.blur, args.min_step_share), total=args.num_stacks, desc="stacks"):
+                        args.blur, args.min_step_share, args.depth), total=args.num_stacks, desc="stacks"):
         name = f"{args.prefix}_{scene:06d}"
         ensure_output_dir(root / "image_stacks" / name)
         for k, image in enumerate(slices, start=1):

@@ -78,6 +78,42 @@ class TestDepthSteps:
             assert ms.depth_step_share(ms.depth_map_to_index(depth_map, 8)) < 0.3
 
 
+class TestSegmentDepth:
+    def test_every_segment_is_one_plane(self):
+        # Four quadrant segments: inside each the depth is a plane (zero second
+        # differences along both axes), so the steps lie on segment borders only.
+        labels = np.zeros((64, 80), np.int64)
+        labels[:32, 40:], labels[32:, :40], labels[32:, 40:] = 1, 2, 3
+        levels = set()
+        for seed in range(8):
+            depth = ms.surfaces_over_segments(np.random.default_rng(seed), labels).astype(np.float64)
+            assert depth.shape == labels.shape and np.isfinite(depth).all()
+            for k in range(4):
+                rows, cols = np.nonzero(labels == k)
+                quadrant = depth[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+                assert np.abs(np.diff(quadrant, 2, axis=0)).max() < 1e-5
+                assert np.abs(np.diff(quadrant, 2, axis=1)).max() < 1e-5
+            levels.add(round(float(depth[0, 0] - depth[0, 40]), 3))
+        assert len(levels) > 1, "the quadrants' depths must vary between draws"
+
+    def test_segment_scenes_have_more_depth_steps_than_procedural_ones(self):
+        def mean_share(kind):
+            shares = []
+            for scene in range(12):
+                _, depth_map, _ = ms.make_scene(5, scene, 128, (8, 8), "released", depth_kind=kind)
+                shares.append(ms.depth_step_share(ms.depth_map_to_index(depth_map, 8)))
+            return np.mean(shares)
+        assert mean_share("segments") > 1.3 * mean_share("procedural")     # 0.36 against 0.23
+
+    def test_the_kind_changes_only_the_depth_and_procedural_is_the_default(self):
+        default = ms.make_scene(2, 4, 64, (4, 9), "released")
+        scenes = {kind: ms.make_scene(2, 4, 64, (4, 9), "released", depth_kind=kind) for kind in ms.DEPTH_KINDS}
+        assert np.array_equal(default[1], scenes["procedural"][1])
+        for slices, depth_map, image in scenes.values():
+            assert len(slices) == len(default[0]) and np.array_equal(image, default[2])
+        assert not np.array_equal(scenes["segments"][1], scenes["procedural"][1])
+
+
 class TestSources:
     def test_motorcycle_is_never_a_training_source(self):
         assert "stereo_motorcycle" not in ms.PHOTO_NAMES
@@ -133,6 +169,16 @@ class TestCommandLine:
         r = run_script("--output_dir", tmp_path / "bad", "--num_stacks", 1, "--min_step_share", 1)
         assert r.returncode == 2 and "min_step_share" in r.stderr and "Traceback" not in r.stderr
         assert not (tmp_path / "bad").exists()
+
+    def test_segment_depth_from_the_command_line(self, tmp_path):
+        r = run_script("--output_dir", tmp_path / "seg", "--num_stacks", 2, "--size", 64, "--min_slices", 5,
+                       "--max_slices", 5, "--blur", "physical", "--depth", "segments", "--seed", 3)
+        assert r.returncode == 0, r.stderr
+        for k in range(2):
+            depth_map = read_image(tmp_path / "seg" / "depth_maps" / f"syn_{k:06d}.png")
+            assert np.array_equal(depth_map, ms.make_scene(3, k, 64, (5, 5), "physical", depth_kind="segments")[1])
+        r = run_script("--output_dir", tmp_path / "bad", "--num_stacks", 1, "--depth", "stereo")
+        assert r.returncode == 2 and "--depth" in r.stderr and "Traceback" not in r.stderr
 
     def test_bad_slice_range_is_one_clear_error(self, tmp_path):
         r = run_script("--output_dir", tmp_path / "x", "--min_slices", 1, "--num_stacks", 1)
