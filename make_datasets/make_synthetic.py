@@ -143,8 +143,10 @@ def random_image(rng, size: int) -> np.ndarray:
     return (255 * (image / 255.0) ** gamma).astype(np.uint8)
 
 
-def slant(rng, size: int) -> np.ndarray:
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+def slant(rng, size: int, width: int = 0) -> np.ndarray:
+    """A plane of random direction over size x size (or size x width) pixels, rising about 1 across."""
+    width = width or size
+    yy, xx = np.mgrid[0:size, 0:width].astype(np.float32) / max(size, width)
     angle = rng.uniform(0, 2 * np.pi)
     return np.cos(angle) * xx + np.sin(angle) * yy
 
@@ -201,8 +203,8 @@ def surfaces_over_segments(rng, labels: np.ndarray) -> np.ndarray:
     yy, xx = np.mgrid[0:size_y, 0:size_x].astype(np.float32) / max(size_y, size_x)
     tilt_x, tilt_y = rng.normal(0, 0.15, count), rng.normal(0, 0.15, count)
     depth = levels[rng.integers(0, len(levels), count)][labels] + tilt_x[labels] * xx + tilt_y[labels] * yy
-    angle = rng.uniform(0, 2 * np.pi)       # drawn last, as in the sets made before this was split out
-    return (depth + 0.3 * (np.cos(angle) * xx + np.sin(angle) * yy)).astype(np.float32)
+    # The slant's direction is drawn last, as in the sets made before this was split out.
+    return (depth + 0.3 * slant(rng, size_y, size_x)).astype(np.float32)
 
 
 def segment_depth(rng, image: np.ndarray) -> np.ndarray:
