@@ -219,7 +219,7 @@ def run_ground_truth(fusers, sets):
                     psnr.append(peak_signal_noise_ratio(aif, fused, data_range=1.0))
                 mae.append(np.abs(pred - index).mean())
             summary[(blur, n, name)] = float(np.mean(psnr))
-            rows.append([name, f"{np.mean(ssim):.4f}", f"{np.mean(psnr):.2f}", f"{np.mean(mae):.3f}",
+            rows.append([name, f"{np.mean(ssim):.4f}", f"{np.mean(psnr):.3f}", f"{np.mean(mae):.3f}",
                          f"{seconds / len(cases):.2f}"])
         h, w = cases[0][1].shape
         print_table(f"stereo_motorcycle, {blur} blur, {n} slices, {len(cases)} crops of {w}x{h}",
