@@ -75,7 +75,9 @@ class TestBatchAndEdgeCases:
             batched = model(torch.cat([a, b]))
             singles = [model(a), model(b)]
         for k, single in enumerate(singles):
-            torch.testing.assert_close(batched[1][k:k + 1], single[1], atol=1e-5, rtol=0)
+            # float32 kernels may sum in another order for a batch of two (seen: 1.06e-5 on an AMD
+            # EPYC CPU); a real mix-up between the stacks would differ by orders of magnitude more.
+            torch.testing.assert_close(batched[1][k:k + 1], single[1], atol=1e-4, rtol=0)
             assert (batched[2][k:k + 1] == single[2]).float().mean() >= 0.999
 
     def test_flat_stack_gives_valid_result(self, model):
