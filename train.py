@@ -97,8 +97,19 @@ def slot_suffix(slot: int) -> str:
     return "" if slot == 1 else f"_{slot}"
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help keeps the description's layout and shows each flag's default (unless unset or already said)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        unset = action.default is None or action.default is False or action.default == []
+        if unset or action.default is argparse.SUPPRESS or "default" in text.lower():
+            return text
+        return text + " (default: %(default)s)"
+
+
 def get_args_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     data = parser.add_argument_group("data (image_stacks/<scene>/<k>.<ext> + depth_maps/<scene>.png)")
     data.add_argument("--train_dataset", nargs=2, action="append", default=[], metavar=("STACK_DIR", "DEPTH_DIR"),
                       help="a training set; repeat the flag for more")
@@ -141,7 +152,7 @@ def get_args_parser():
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--batch_size", type=int, default=12, help="stacks per batch and per process")
-    optim.add_argument("--num_epochs", type=int, default=50)
+    optim.add_argument("--num_epochs", type=int, default=50, help="epochs to train")
     optim.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
     optim.add_argument("--lr_decay", type=float, default=0.9,
                        help="learning rate factor after every epoch (--lr_schedule exponential)")
