@@ -1,7 +1,9 @@
 """predict_one_stack.py end to end: outputs, formats, bit depth and clear errors."""
 import os
+import re
 import subprocess
 import sys
+import time
 
 import cv2
 import numpy as np
@@ -60,11 +62,20 @@ def test_reverse_flips_depth_and_index(tmp_path, random_weights):
                                   cv2.imread(str(tmp_path / "rev" / "color_fused.png")))
 
 
-def test_timestamped_names_by_default(tmp_path, random_weights):
+def test_timestamped_names_by_default(tmp_path, random_weights, monkeypatch):
+    import predict_one_stack
+    # a fixed clock at 20:03:14, where the hour's "20" looks like the year's
+    fixed = time.struct_time((2026, 12, 1, 20, 3, 14, 1, 335, 0))
+    real_strftime = time.strftime
+    monkeypatch.setattr(predict_one_stack.time, "strftime", lambda fmt: real_strftime(fmt, fixed))
     stack = write_stack(tmp_path / "stack", textured_stack(2, 32, 32), ext=".jpg")
-    assert run("--input_dir", stack, "--output_dir", tmp_path / "out", "--model_path", random_weights).returncode == 0
+    predict_one_stack.main(predict_one_stack.get_args_parser().parse_args(
+        ["--input_dir", str(stack), "--output_dir", str(tmp_path / "out"), "--model_path", str(random_weights),
+         "--device", "cpu"]))
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert len(names) == 6 and all(n.count("_20") == 1 for n in names)
+    stems = sorted(name.rsplit(".", 1)[0] for name in OUTPUTS)
+    assert [re.fullmatch(r"(.+)_(\d{8}_\d{6})\.(png|npy)", n).groups()[:2] for n in names] == \
+        [(stem, "20261201_200314") for stem in stems]
 
 
 def test_multipage_tiff_input(tmp_path, random_weights):
