@@ -75,12 +75,17 @@ def load_photo(name: str) -> np.ndarray:
     return cv2.cvtColor(np.ascontiguousarray(image[..., :3]).astype(np.uint8), cv2.COLOR_RGB2BGR)
 
 
-def random_crop(rng, image: np.ndarray, size: int) -> np.ndarray:
-    """A random square crop at a random scale, resized to size x size, maybe flipped."""
-    h, w = image.shape[:2]
+def random_box(rng, h: int, w: int, size: int):
+    """(y, x, side) of a random square window at a random scale in an h x w picture, for a size x size crop."""
     side = int(rng.uniform(0.35, 1.0) * min(h, w))
     side = max(side, min(size // 2, h, w))
     y, x = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
+    return y, x, side
+
+
+def random_crop(rng, image: np.ndarray, size: int) -> np.ndarray:
+    """A random square crop at a random scale, resized to size x size, maybe flipped."""
+    y, x, side = random_box(rng, *image.shape[:2], size)
     crop = cv2.resize(image[y:y + side, x:x + side], (size, size), interpolation=cv2.INTER_AREA)
     if rng.random() < 0.5:
         crop = crop[:, ::-1]
@@ -301,23 +306,36 @@ def kept_scenes(seed: int, first: int, count: int, size: int, slice_range, blur:
         scene += 1
 
 
+def add_scene_flags(group, size: int, min_slices: int, max_slices: int):
+    """The flags every stack generator shares: how many scenes, which, their size, slice counts, seed."""
+    group.add_argument("--num_stacks", type=int, default=1000, help="number of stacks")
+    group.add_argument("--first", type=int, default=0, help="number of the first scene (to extend a set)")
+    group.add_argument("--size", type=int, default=size, help="side of the square slices in pixels")
+    group.add_argument("--min_slices", type=int, default=min_slices, help="fewest slices per stack (>= 2)")
+    group.add_argument("--max_slices", type=int, default=max_slices, help="most slices per stack (<= 32)")
+    group.add_argument("--seed", type=int, default=0, help="scene i depends only on (seed, i)")
+
+
+def check_scene_flags(args):
+    """One clear error for slice counts or a size add_scene_flags' generators cannot make."""
+    if not 2 <= args.min_slices <= args.max_slices <= 32:
+        raise InputError("need 2 <= --min_slices <= --max_slices <= 32")
+    if args.size < 32:
+        raise InputError("--size must be at least 32")
+
+
 def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     io = parser.add_argument_group("output")
     io.add_argument("--output_dir", type=str, required=True, help="root of image_stacks/ and depth_maps/")
     io.add_argument("--prefix", type=str, default="syn", help="scene names are <prefix>_<number>")
     gen = parser.add_argument_group("generation")
-    gen.add_argument("--num_stacks", type=int, default=1000, help="number of stacks")
-    gen.add_argument("--first", type=int, default=0, help="number of the first scene (to extend a set)")
-    gen.add_argument("--size", type=int, default=160, help="side of the square slices in pixels")
-    gen.add_argument("--min_slices", type=int, default=2, help="fewest slices per stack (>= 2)")
-    gen.add_argument("--max_slices", type=int, default=32, help="most slices per stack (<= 32)")
+    add_scene_flags(gen, size=160, min_slices=2, max_slices=32)
     gen.add_argument("--blur", type=str, default="released", choices=BLUR_MODES,
                      help="released Gaussian levels, physical blur, or a 50/50 mix")
     gen.add_argument("--depth", type=str, default="procedural", choices=DEPTH_KINDS,
                      help="depth layouts: procedural (planes, blobs, shapes), segments (surfaces over image "
                           "segments, steps everywhere as in real scenes), or a 50/50 mix")
-    gen.add_argument("--seed", type=int, default=0, help="scene i depends only on (seed, i)")
     gen.add_argument("--min_step_share", type=float, default=0.0,
                      help="skip scenes with fewer pixels than this share near a depth step of 2 slices or "
                           "more (0: keep all); the kept scenes keep their numbers, and --num_stacks counts "
@@ -326,10 +344,7 @@ def get_args_parser():
 
 
 def main(args):
-    if not 2 <= args.min_slices <= args.max_slices <= 32:
-        raise InputError("need 2 <= --min_slices <= --max_slices <= 32")
-    if args.size < 32:
-        raise InputError("--size must be at least 32")
+    check_scene_flags(args)
     check_min_step_share(args.min_step_share)
     if args.blur != "released" and not physical_available():
         raise InputError(f"--blur {args.blur} needs make_datasets.synthesis.physical_stack, "

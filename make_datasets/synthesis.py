@@ -103,6 +103,36 @@ def _blur_radius(sigma: float) -> int:
     return int(np.ceil(3.0 * sigma)) if sigma >= MIN_SIGMA else 0
 
 
+PSFS = ("gaussian", "disc")
+# Sub-samples per pixel side when a disc's pixel coverage is measured.
+DISC_SUPERSAMPLING = 8
+
+
+def disc_kernel(radius: float) -> np.ndarray:
+    """The pillbox PSF of a lens (a uniform disc of ``radius`` px), float32 (2h+1)x(2h+1), summing to 1.
+
+    Each weight is the share of its pixel's square inside the disc (measured
+    on a sub-pixel grid), so the edge is anti-aliased and a sub-pixel
+    radius changes the kernel smoothly; below half a pixel it is the identity.
+    """
+    half = max(int(np.ceil(radius - 0.5)), 0)
+    steps = (np.arange(DISC_SUPERSAMPLING) + 0.5) / DISC_SUPERSAMPLING - 0.5
+    offsets = (np.arange(-half, half + 1)[:, None] + steps[None, :]).ravel()     # sub-sample centres
+    inside = (offsets[:, None] ** 2 + offsets[None, :] ** 2) <= radius ** 2
+    n = 2 * half + 1
+    cover = inside.reshape(n, DISC_SUPERSAMPLING, n, DISC_SUPERSAMPLING).mean(axis=(1, 3))
+    if cover.sum() == 0:
+        cover[half, half] = 1.0
+    return (cover / cover.sum()).astype(np.float32)
+
+
+def _psf_reach(psf: str, scale: float) -> int:
+    """How far (px) the largest blur of ``psf`` at ``scale`` reaches, plus one."""
+    if psf == "disc":
+        return disc_kernel(scale).shape[0] // 2 + 1
+    return _blur_radius(scale) + 1
+
+
 def _premultiplied_layer(image_planes, mask, nearer, reach):
     """One layer's premultiplied colour + alpha over its bounding box.
 
@@ -130,7 +160,8 @@ def _premultiplied_layer(image_planes, mask, nearer, reach):
     return (slice(None), slice(y0, y1), slice(x0, x1)), premultiplied
 
 
-def physical_stack(image: np.ndarray, depth: np.ndarray, num_slices: int, max_sigma: float = 4.0):
+def physical_stack(image: np.ndarray, depth: np.ndarray, num_slices: int, max_sigma: float = 4.0,
+                   psf: str = "gaussian"):
     """Render N slices through a thin lens focused at N evenly spaced depths.
 
     image: HxW or HxWx3 uint8/uint16; depth: HxW uint8, 0 = near, 255 = far.
@@ -138,7 +169,9 @@ def physical_stack(image: np.ndarray, depth: np.ndarray, num_slices: int, max_si
     blurred by a Gaussian of sigma = max_sigma * |d - d_k| / 255 pixels: the
     circle of confusion of a thin lens grows linearly with the difference in
     inverse distance (dioptres), and an 8-bit depth map of relative inverse
-    depth (as monocular depth models give) is linear in it.
+    depth (as monocular depth models give) is linear in it. With
+    ``psf="disc"`` the blur is instead a real lens's pillbox (``disc_kernel``)
+    of radius max_sigma * |d - d_k| / 255 pixels.
 
     Rendering is layered: depth is split into thin layers; each layer's
     premultiplied colour and its coverage (alpha) are blurred with that
@@ -162,13 +195,15 @@ def physical_stack(image: np.ndarray, depth: np.ndarray, num_slices: int, max_si
         raise ValueError(f"depth must be uint8 (0 = near, 255 = far), got {depth.dtype}")
     if image.dtype not in (np.uint8, np.uint16):
         raise ValueError(f"image must be uint8 or uint16, got {image.dtype}")
+    if psf not in PSFS:
+        raise ValueError(f"psf must be one of {PSFS}, got {psf!r}")
     gray = image.ndim == 2
     planes_in = image[None] if gray else image.transpose(2, 0, 1)  # (C, H, W)
     c, h, w = planes_in.shape
     planes = focal_planes(num_slices)
     centres, layer = _depth_layers(depth, num_slices)
 
-    layers = [_premultiplied_layer(planes_in, layer == index, layer < index, _blur_radius(max_sigma) + 1)
+    layers = [_premultiplied_layer(planes_in, layer == index, layer < index, _psf_reach(psf, max_sigma))
               + (centres[index],) for index in np.unique(layer)[::-1]]  # far to near
 
     max_value = float(np.iinfo(image.dtype).max)
@@ -179,7 +214,11 @@ def physical_stack(image: np.ndarray, depth: np.ndarray, num_slices: int, max_si
             sigma = max_sigma * abs(centre - plane) / 255.0
             radius = _blur_radius(sigma)
             rgba = premultiplied.astype(np.float32)
-            if radius:
+            if psf == "disc":
+                kernel = disc_kernel(sigma)
+                if kernel.size > 1:
+                    rgba = np.stack([cv2.filter2D(p, -1, kernel, borderType=cv2.BORDER_REFLECT_101) for p in rgba])
+            elif radius:
                 size = 2 * radius + 1
                 rgba = np.stack([cv2.GaussianBlur(p, (size, size), sigma, borderType=cv2.BORDER_REFLECT_101)
                                  for p in rgba])
@@ -189,4 +228,98 @@ def physical_stack(image: np.ndarray, depth: np.ndarray, num_slices: int, max_si
         out = acc[:c] / np.maximum(acc[c], 1e-6)
         out = np.clip(np.floor(out + 0.5), 0, max_value).astype(image.dtype)
         slices.append(out[0] if gray else np.ascontiguousarray(out.transpose(1, 2, 0)))
+    return slices, nearest_plane(depth, num_slices)
+
+
+# ----------------------------------------------------------------------------- light-field mode
+
+# Depth levels (of 255) within which sources landing on one pixel count as one surface and are
+# averaged; anything farther behind the nearest is hidden (the z-buffer).
+Z_TOLERANCE = 6.0
+
+
+def aperture_views(grid: int) -> np.ndarray:
+    """(V, 2) view offsets (u, v) of a grid x grid camera array cut to a round aperture, |offset| <= 1.
+
+    The centre view (0, 0) is always included (grid is odd), so every pixel
+    of a refocused slice is seen by at least one view.
+    """
+    if grid < 1 or grid % 2 == 0:
+        raise ValueError(f"grid must be an odd number >= 1, got {grid}")
+    steps = np.linspace(-1.0, 1.0, grid) if grid > 1 else np.zeros(1)
+    u, v = np.meshgrid(steps, steps)
+    keep = u ** 2 + v ** 2 <= 1.0 + 1e-9
+    return np.stack([u[keep], v[keep]], axis=1)
+
+
+def forward_warp(values: np.ndarray, depth: np.ndarray, dx: np.ndarray, dy: np.ndarray):
+    """Move every pixel of ``values`` by its own (dx, dy) with z-buffer occlusion.
+
+    values: HxW float; depth: HxW (smaller = nearer); dx, dy: (K, H, W)
+    displacements in px, K warps at once. Each pixel lands on the nearest
+    target pixel; where several land on one target, only those within
+    Z_TOLERANCE of the nearest are kept (a near surface hides what is behind
+    it) and they are averaged. Targets nothing lands on are holes.
+    Returns (sum of kept values (K, H, W) float32, their count (K, H, W) float32).
+    """
+    k, h, w = dx.shape
+    tx = np.rint(np.arange(w, dtype=np.float32)[None, None, :] + dx).astype(np.int64)
+    ty = np.rint(np.arange(h, dtype=np.float32)[None, :, None] + dy).astype(np.int64)
+    inside = (tx >= 0) & (tx < w) & (ty >= 0) & (ty < h)
+    target = (np.arange(k)[:, None, None] * (h * w) + ty * w + tx)[inside]
+    z = np.broadcast_to(depth.astype(np.float32), dx.shape)[inside]
+    zbuf = np.full(k * h * w, np.inf, dtype=np.float32)
+    np.minimum.at(zbuf, target, z)
+    kept = z <= zbuf[target] + Z_TOLERANCE
+    target = target[kept]
+    source = np.broadcast_to(values.astype(np.float32), dx.shape)[inside][kept]
+    total = np.bincount(target, weights=source, minlength=k * h * w)
+    count = np.bincount(target, minlength=k * h * w)
+    return total.reshape(k, h, w).astype(np.float32), count.reshape(k, h, w).astype(np.float32)
+
+
+def lightfield_stack(image: np.ndarray, depth: np.ndarray, num_slices: int, max_radius: float = 4.0,
+                     grid: int = 5):
+    """Render N slices as a light-field camera refocused by shift-and-add.
+
+    image: HxW or HxWx3 uint8/uint16; depth: HxW uint8, 0 = near. The scene
+    is seen by the pinhole views of ``aperture_views(grid)``; a point at
+    depth d has disparity proportional to 255 - d, and view (u, v) sees it
+    displaced by max_radius * (d_k - d) / 255 * (u, v) once the views are
+    shifted to refocus at plane d_k = 255 k / (N - 1) (shifting each view
+    by its refocus offset and warping with the relative disparity are the
+    same move; done in one step, in-focus pixels are never resampled).
+    Each view is a z-buffered forward warp (``forward_warp``): near
+    surfaces hide far ones, so an out-of-focus near edge spreads over the
+    background as copies, as real refocused light fields do. A view's holes
+    (background no view of the all-in-focus image shows) are left out of
+    its pixel's average instead of being invented; the centre view covers
+    every pixel. At the image border the scene is mirrored.
+
+    Returns (slices like image, focus_index HxW int64: the nearest plane).
+    """
+    if depth.ndim != 2 or depth.shape != image.shape[:2] or depth.dtype != np.uint8:
+        raise ValueError(f"depth must be uint8 HxW like the image {image.shape[:2]}, got {depth.dtype} "
+                         f"{depth.shape}")
+    if image.dtype not in (np.uint8, np.uint16):
+        raise ValueError(f"image must be uint8 or uint16, got {image.dtype}")
+    views = aperture_views(grid)
+    pad = int(np.ceil(max_radius)) + 1
+    h, w = depth.shape
+    planes_in = image[None] if image.ndim == 2 else image.transpose(2, 0, 1)
+    channels = [np.pad(p, pad, mode="reflect") for p in planes_in]
+    padded_depth = np.pad(depth, pad, mode="reflect").astype(np.float32)
+    offset = max_radius * (focal_planes(num_slices)[:, None, None] - padded_depth[None]) / 255.0   # (N, H', W')
+    totals = [np.zeros(offset.shape, np.float32) for _ in channels]
+    counts = np.zeros(offset.shape, np.float32)
+    for u, v in views:
+        dx, dy = offset * u, offset * v
+        for total, channel in zip(totals, channels):
+            warped, count = forward_warp(channel, padded_depth, dx, dy)
+            total += warped
+        counts += count
+    max_value = float(np.iinfo(image.dtype).max)
+    out = np.stack([t / np.maximum(counts, 1e-6) for t in totals], axis=-1)[:, pad:pad + h, pad:pad + w]
+    out = np.clip(np.floor(out + 0.5), 0, max_value).astype(image.dtype)
+    slices = [s[..., 0] if image.ndim == 2 else np.ascontiguousarray(s) for s in out]
     return slices, nearest_plane(depth, num_slices)
