@@ -4,7 +4,9 @@
     python Registration.py stack_folder -o aligned/ --method ecc --reference sharpest
 
 Frames are written as ``frame_0000.png``, ``frame_0001.png``, ... at the input
-size, bit depth (8 or 16) and colour. Two methods:
+size, bit depth (8 or 16) and colour. An output folder that already holds
+files is refused unless ``--overwrite`` is given; then it is replaced as a
+whole once every new frame is written. Two methods:
 
 - ``released`` (default), as in the authors' release: a coarse zoom step
   (SIFT matches between the first and the last frame give the total scale
@@ -27,9 +29,12 @@ docs/registration.md; bad input raises ``utils.InputError``.
 """
 import argparse
 import os
+import secrets
+import shutil
 import sys
 import time
 import warnings
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -418,7 +423,7 @@ def warp_frame(image, transform, size=None) -> np.ndarray:
     return cv2.warpPerspective(image, transform, (w, h), flags=flags, borderMode=border)
 
 
-def estimate_transforms(images, method="released", reference="first", motion="affine",
+def estimate_transforms(images, method="released", reference="first", motion=None,
                         smoothing_radius=None, progress=False):
     """Per-frame 3x3 transforms (input pixel -> output pixel) for a checked stack.
 
@@ -432,15 +437,20 @@ def estimate_transforms(images, method="released", reference="first", motion="af
         raise InputError(f"unknown reference '{reference}' (choose from {', '.join(REFERENCES)})")
     if smoothing_radius is not None and smoothing_radius < 0:
         raise InputError(f"smoothing radius must be 0 or more, not {smoothing_radius}")
+    # an option of the other method would be ignored without a word
+    if method == "ecc" and smoothing_radius is not None:
+        raise InputError("--smoothing_radius applies to --method released only; with --method ecc it has no effect")
+    if method == "released" and motion is not None:
+        raise InputError("--motion applies to --method ecc only; with --method released it has no effect")
     if len(frames) == 1:
         return [np.eye(3)]
     grays = [to_gray_float(f) for f in frames]
     if method == "ecc":
-        return ecc_transforms(grays, reference, motion, progress)
+        return ecc_transforms(grays, reference, motion or "affine", progress)
     return released_transforms(grays, reference, smoothing_radius, progress)
 
 
-def align_stack(images, method="released", reference="first", motion="affine",
+def align_stack(images, method="released", reference="first", motion=None,
                 smoothing_radius=None, progress=False):
     """Register a focus stack; returns the aligned frames.
 
@@ -448,7 +458,7 @@ def align_stack(images, method="released", reference="first", motion="affine",
     size, or a folder / multi-page TIFF path (read with utils.read_stack).
     method: 'released' (zoom, then stabilisation) or 'ecc' (every frame onto
     the reference). reference: 'first', 'last', 'middle' or 'sharpest'.
-    motion: ECC model, 'affine' or 'homography'. smoothing_radius: released
+    motion: ECC model, 'affine' (None) or 'homography'. smoothing_radius: released
     method only, None removes all motion, R keeps a (2R+1)-frame moving
     average of it. Returns N frames with the input's size, dtype and channels.
     Raises InputError for bad input; frames that cannot be registered get the
@@ -472,23 +482,63 @@ def get_args_parser():
     io = parser.add_argument_group("input and output")
     io.add_argument("input", type=str, help="folder of frames (natural file-name order) or a multi-page TIFF")
     io.add_argument("-o", "--output", type=str, default="./aligned",
-                    help="folder for the aligned frames frame_0000.png, frame_0001.png, ...")
+                    help="folder for the aligned frames frame_0000.png, frame_0001.png, ... (empty or new)")
+    io.add_argument("--overwrite", action="store_true",
+                    help="replace an output folder that already holds files (all of them) with the new frames")
     reg = parser.add_argument_group("registration")
     reg.add_argument("--method", type=str, choices=METHODS, default="released",
                      help="released: zoom then stabilisation; ecc: every frame onto the reference")
     reg.add_argument("--reference", type=str, choices=REFERENCES, default="first",
                      help="frame whose position (ecc: and geometry) the others are aligned to")
-    reg.add_argument("--motion", type=str, choices=tuple(ECC_MOTIONS), default="affine",
-                     help="ecc only: motion model")
+    reg.add_argument("--motion", type=str, choices=tuple(ECC_MOTIONS), default=None,
+                     help="ecc only: motion model (default affine)")
     reg.add_argument("--smoothing_radius", type=int, default=None,
                      help="released only: keep a moving average of the camera path over 2R+1 frames "
                           "(video-stabiliser style); default removes all motion")
     return parser
 
 
+def check_output_folder(output, overwrite: bool) -> Path:
+    """The output folder (links resolved); InputError when it is a file, or holds
+    files and ``overwrite`` is off: the next fusion would mix old frames with new."""
+    target = Path(output).resolve()
+    if target.exists() and not target.is_dir():
+        raise InputError(f"output '{output}' is a file, not a folder")
+    held = sum(1 for _ in target.iterdir()) if target.is_dir() else 0
+    if held and not overwrite:
+        raise InputError(f"output folder '{output}' already holds {held} file(s); choose an empty or new folder, "
+                         f"or pass --overwrite to replace them all")
+    return target
+
+
+def write_frames(frames, output: Path) -> list:
+    """Write frame_0000.png, ... into a temporary sibling of ``output``, then swap it
+    in: the folder holds the old files or the new frames, never a mix of both."""
+    parent = ensure_output_dir(output.parent)
+    token = secrets.token_hex(8)
+    fresh, old = parent / f".{output.name}.{token}.part", parent / f".{output.name}.{token}.old"
+    try:
+        fresh.mkdir()
+        for k, frame in enumerate(tqdm(frames, desc="writing", unit="frame", leave=False)):
+            write_image(fresh / f"frame_{k:04d}.png", frame)
+        if output.exists():
+            os.replace(output, old)
+        os.replace(fresh, output)
+    except BaseException as exc:
+        shutil.rmtree(fresh, ignore_errors=True)
+        if old.exists() and not output.exists():
+            os.replace(old, output)              # the old files come back whole
+        if isinstance(exc, OSError):
+            raise InputError(f"cannot write the aligned frames to '{output}': {exc.strerror or exc}") from None
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return [output / f"frame_{k:04d}.png" for k in range(len(frames))]
+
+
 def main(args):
     start = time.perf_counter()
     refuse_output_into_input(args.output, args.input, what="output folder (-o)")
+    output = check_output_folder(args.output, args.overwrite)
     frames, names = read_stack(args.input, min_slices=1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RegistrationWarning)
@@ -496,14 +546,10 @@ def main(args):
                               progress=True)
     for warning in caught:
         print(f"warning: {warning.message}", file=sys.stderr)
-    output = ensure_output_dir(args.output)
-    paths = []
-    for k, frame in enumerate(tqdm(aligned, desc="writing", unit="frame", leave=False)):
-        paths.append(output / f"frame_{k:04d}.png")
-        write_image(paths[-1], frame)
+    paths = write_frames(aligned, output)
     h, w = frames[0].shape[:2]
     print(f"aligned {len(frames)} frames of {w}x{h} with the {args.method} method in "
-          f"{time.perf_counter() - start:.2f} s; frames in {output}")
+          f"{time.perf_counter() - start:.2f} s; frames in {args.output}")
     return paths
 
 

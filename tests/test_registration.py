@@ -307,6 +307,66 @@ class TestCommandLine:
         assert result.returncode == 2 and "Traceback" not in result.stderr
         assert "is 1x1 pixels; registration needs at least 2x2" in result.stderr
 
+    def test_non_empty_output_is_refused_without_overwrite(self, tmp_path):
+        frames, _ = make_stack(*shaky_breathing(n=3, zoom=0.02, shake=2.0, turn=0.0, seed=6))
+        stack = write_stack(tmp_path / "stack", frames)
+        out = tmp_path / "aligned"
+        out.mkdir()
+        (out / "frame_0005.png").write_bytes(b"from an earlier, longer stack")
+        result = self.run(stack, "-o", out)
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert result.stderr.strip() == f"error: output folder '{out}' already holds 1 file(s); choose an empty " \
+                                        f"or new folder, or pass --overwrite to replace them all"
+        assert [p.name for p in out.iterdir()] == ["frame_0005.png"]
+
+    def test_overwrite_replaces_the_whole_folder(self, tmp_path):
+        frames, _ = make_stack(*shaky_breathing(n=3, zoom=0.02, shake=2.0, turn=0.0, seed=6))
+        stack = write_stack(tmp_path / "stack", frames)
+        out = tmp_path / "aligned"
+        out.mkdir()
+        for name in ("frame_0000.png", "frame_0005.png"):
+            write_image(out / name, np.zeros((8, 8), np.uint8))
+        result = self.run(stack, "-o", out, "--overwrite")
+        assert result.returncode == 0, result.stderr
+        assert sorted(p.name for p in out.iterdir()) == ["frame_0000.png", "frame_0001.png", "frame_0002.png"]
+        assert read_image(out / "frame_0000.png").shape == frames[0].shape
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["aligned", "stack"]   # no temporary folder left
+
+    def test_a_failed_overwrite_keeps_the_old_files_whole(self, tmp_path, monkeypatch):
+        import Registration
+        out = tmp_path / "aligned"
+        out.mkdir()
+        old = {f"frame_{k:04d}.png": bytes([k]) * 10 for k in range(4)}
+        for name, data in old.items():
+            (out / name).write_bytes(data)
+        written = []
+
+        def disk_full_at_the_second_frame(path, image):
+            if written:
+                raise InputError(f"cannot write '{path}': No space left on device")
+            written.append(path)
+            write_image(path, image)
+        monkeypatch.setattr(Registration, "write_image", disk_full_at_the_second_frame)
+        frames = [np.full((8, 8), k, np.uint8) for k in range(3)]
+        with pytest.raises(InputError, match="No space left"):
+            Registration.write_frames(frames, Registration.check_output_folder(out, overwrite=True))
+        assert len(written) == 1                                   # one new frame had been written ...
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == old   # ... and none of it shows
+        assert [p.name for p in tmp_path.iterdir()] == ["aligned"]
+
+    @pytest.mark.parametrize("flags, message", [
+        (("--method", "ecc", "--smoothing_radius", "2"),
+         "error: --smoothing_radius applies to --method released only; with --method ecc it has no effect"),
+        (("--motion", "homography"),
+         "error: --motion applies to --method ecc only; with --method released it has no effect"),
+    ])
+    def test_a_flag_of_the_other_method_is_a_usage_error(self, tmp_path, flags, message):
+        frames, _ = make_stack(*shaky_breathing(n=3, zoom=0.02, shake=2.0, turn=0.0, seed=6))
+        stack = write_stack(tmp_path / "stack", frames)
+        result = self.run(stack, "-o", tmp_path / "out", *flags)
+        assert result.returncode == 2 and result.stderr.strip() == message
+        assert not (tmp_path / "out").exists()
+
     def test_missing_folder_is_one_clear_line(self, tmp_path):
         result = self.run(tmp_path / "nope", "-o", tmp_path / "out")
         assert result.returncode == 2
