@@ -1,26 +1,38 @@
 """Shared image I/O and pre/post-processing: the one home for each helper.
 
 Everything a script reads or writes goes through here: natural sorting,
-reading 8/16-bit images in every common format, stacks from a folder or a
-multi-page TIFF, gray conversion, resizing to a multiple of 32 and back, the
-depth colormap, atomic writes, and the device choice.
+reading 8/16-bit images in every common format and camera RAW files, stacks
+from a folder, a multi-page TIFF or a video, gray conversion, resizing to a
+multiple of 32 and back, the depth colormap, atomic writes (with the
+reference slice's EXIF and ICC profile), and the device choice.
 """
+import io
 import os
 import re
 import secrets
 import signal
+import struct
 import sys
 import tempfile
+import warnings
+import zlib
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
+PLAIN_IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
+# Camera RAW formats LibRaw (through rawpy) develops.
+RAW_EXTENSIONS = (".dng", ".cr2", ".cr3", ".crw", ".nef", ".nrw", ".arw", ".srf", ".sr2", ".raf", ".orf", ".rw2",
+                  ".pef", ".srw", ".x3f", ".3fr", ".fff", ".iiq", ".erf", ".kdc", ".dcr", ".mrw", ".mos", ".rwl")
+IMAGE_EXTENSIONS = PLAIN_IMAGE_EXTENSIONS + RAW_EXTENSIONS
 TIFF_EXTENSIONS = (".tif", ".tiff")
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv")
 SIZE_MULTIPLE = 32
 
 # Keep 8/16-bit depth and gray/colour, drop alpha, honour EXIF orientation.
@@ -47,6 +59,10 @@ def is_image_file(path) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
 
+def is_raw_file(path) -> bool:
+    return Path(path).suffix.lower() in RAW_EXTENSIONS
+
+
 def list_images(folder):
     """Image files directly in ``folder``, in natural order; InputError if none."""
     folder = Path(folder)
@@ -62,7 +78,8 @@ def list_images(folder):
         raise InputError(f"cannot list folder '{folder}': {exc.strerror or exc}") from None
     files = [p for p in entries if p.is_file() and is_image_file(p) and not p.name.startswith(".")]
     if not files:
-        raise InputError(f"folder '{folder}' holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+        raise InputError(f"folder '{folder}' holds no images ({', '.join(PLAIN_IMAGE_EXTENSIONS)}, "
+                         f"or camera RAW: {', '.join(RAW_EXTENSIONS[:6])}, ...)")
     return sorted(files, key=natural_sort_key)
 
 
@@ -126,7 +143,11 @@ def _native_stderr_captured():
 
 
 def read_image(path) -> np.ndarray:
-    """Read one image as uint8 or uint16, HxW (gray) or HxWx3 (BGR); alpha dropped."""
+    """Read one image as uint8 or uint16, HxW (gray) or HxWx3 (BGR); alpha dropped.
+
+    A camera RAW file (by extension) is developed by ``develop_raw`` with its own white balance."""
+    if is_raw_file(path):
+        return develop_raw(path)[0]
     buf = _read_bytes(path)
     try:
         with _native_stderr_captured():
@@ -151,6 +172,67 @@ def read_tiff_pages(path):
     return [_normalise_pixels(p, f"{path} page {k + 1}") for k, p in enumerate(pages)]
 
 
+# Development of camera RAW files: no auto-brightening (each slice would get its
+# own), 16 bits, LibRaw's default sRGB output and BT.709 gamma.
+RAW_POSTPROCESS = dict(no_auto_bright=True, output_bps=16)
+
+
+def _import_rawpy():
+    """rawpy, imported only when a RAW file is read so that plain fusion starts without it."""
+    try:
+        import rawpy
+    except ImportError:
+        raise InputError("camera RAW files need the rawpy package (pip install rawpy)") from None
+    return rawpy
+
+
+def develop_raw(path, white_balance=None):
+    """Develop one camera RAW file into uint16 HxWx3 BGR.
+
+    white_balance: LibRaw multipliers (R, G, B, G2); None takes the camera's
+    as-shot white balance (daylight when the file has none). Returns (image,
+    the multipliers used), so that a stack's slices share its first slice's.
+    """
+    rawpy = _import_rawpy()
+    buf = _read_bytes(path)
+    try:
+        with _native_stderr_captured(), rawpy.imread(io.BytesIO(buf.tobytes())) as raw:
+            if white_balance is None:
+                white_balance = [float(v) for v in raw.camera_whitebalance]
+                if sum(white_balance[:3]) <= 0:
+                    white_balance = [float(v) for v in raw.daylight_whitebalance]
+                if white_balance[3] <= 0:            # "same as the first green"
+                    white_balance[3] = white_balance[1]
+            rgb = raw.postprocess(user_wb=list(white_balance), **RAW_POSTPROCESS)
+    except (rawpy.LibRawError, rawpy.NotSupportedError, ValueError, RuntimeError) as exc:
+        reason = exc.args[0].decode("utf-8", "replace") if exc.args and isinstance(exc.args[0], bytes) else exc
+        raise InputError(f"'{path}' is not a readable camera RAW file ({reason})") from None
+    return _normalise_pixels(rgb[:, :, ::-1], path), white_balance
+
+
+def read_video_frames(path, every=1):
+    """Frames 1, every+1, 2*every+1, ... of a video file (OpenCV), each uint8 HxWx3 BGR.
+
+    Returns (frames, number of frames in the file)."""
+    _read_bytes(path)                                      # missing or empty file: its own message
+    frames, count = [], 0
+    with _native_stderr_captured():                        # FFmpeg's own complaints stay off the terminal
+        capture = cv2.VideoCapture(str(path))
+        try:
+            while capture.isOpened() and capture.grab():
+                if count % every == 0:
+                    ok, frame = capture.retrieve()
+                    if not ok:
+                        break
+                    frames.append(_normalise_pixels(frame, f"{path} frame {count + 1}"))
+                count += 1
+        finally:
+            capture.release()
+    if not frames:
+        raise InputError(f"'{path}' is not a readable video (corrupt, no frames, or a codec OpenCV cannot decode)")
+    return frames, count
+
+
 def check_stack(images, names, source):
     """InputError unless every slice has the same size, channels and bit depth."""
     first = images[0]
@@ -167,31 +249,69 @@ def check_stack(images, names, source):
     return images
 
 
-def read_stack(source, min_slices=2):
-    """Read a focus stack from a folder of images or a multi-page TIFF file.
+def _refuse_mixed_raw(files, source):
+    raw = [f for f in files if is_raw_file(f)]
+    if raw and len(raw) < len(files):
+        other = next(f for f in files if not is_raw_file(f))
+        raise InputError(f"stack '{source}' mixes camera RAW files ('{raw[0].name}') with other images "
+                         f"('{other.name}'); RAW slices are developed together: put only one kind in the folder")
 
-    Returns (images, names): slices in natural file-name order (or page
-    order), each uint8 or uint16, all of one size and bit depth.
+
+def _read_folder(folder, every):
+    """Slices 1, every+1, ... of a folder (multi-page TIFFs count page by page): (images, names, total)."""
+    files = list_images(folder)
+    _refuse_mixed_raw(files, folder)
+    images, names, count, white_balance = [], [], 0, None
+    for f in files:
+        if f.suffix.lower() in TIFF_EXTENSIONS:
+            pages = read_tiff_pages(f)
+            for k, page in enumerate(pages):
+                if count % every == 0:
+                    images.append(page)
+                    names.append(f.name if len(pages) == 1 else f"{f.name}[{k + 1}]")
+                count += 1
+            continue
+        if count % every == 0:
+            if is_raw_file(f):                 # one development for the stack: the first slice's white balance
+                image, white_balance = develop_raw(f, white_balance)
+            else:
+                image = read_image(f)
+            images.append(image)
+            names.append(f.name)
+        count += 1
+    return images, names, count
+
+
+def read_stack(source, min_slices=2, every=1):
+    """Read a focus stack from a folder of images, a multi-page TIFF or a video file.
+
+    Returns (images, names): slices in natural file-name order (page or frame
+    order), each uint8 or uint16, all of one size and bit depth. A folder of
+    camera RAW files is developed with its first slice's white balance.
+    every: keep slices 1, every+1, 2*every+1, ... (a video skips the others
+    while decoding).
     """
     source = Path(source)
+    if every < 1:
+        raise InputError(f"every must be 1 or more, not {every}")
     if source.is_file():
-        if source.suffix.lower() not in TIFF_EXTENSIONS:
-            raise InputError(f"'{source}' is a single image; give a folder of slices or a multi-page TIFF")
-        images = read_tiff_pages(source)
-        names = [f"{source.name}[{k + 1}]" for k in range(len(images))]
+        suffix = source.suffix.lower()
+        if suffix in VIDEO_EXTENSIONS:
+            images, total = read_video_frames(source, every)
+            names = [f"{source.name}[frame {k * every + 1}]" for k in range(len(images))]
+        elif suffix in TIFF_EXTENSIONS:
+            pages = read_tiff_pages(source)
+            images, total = pages[::every], len(pages)
+            names = [f"{source.name}[{k + 1}]" for k in range(0, total, every)]
+        else:
+            raise InputError(f"'{source}' is a single image; give a folder of slices, a multi-page TIFF "
+                             f"or a video ({', '.join(VIDEO_EXTENSIONS)})")
     else:
-        files = list_images(source)
-        images, names = [], []
-        for f in files:
-            if f.suffix.lower() in TIFF_EXTENSIONS:
-                pages = read_tiff_pages(f)
-                images += pages
-                names += [f.name] if len(pages) == 1 else [f"{f.name}[{k + 1}]" for k in range(len(pages))]
-            else:
-                images.append(read_image(f))
-                names.append(f.name)
+        images, names, total = _read_folder(source, every)
     if len(images) < min_slices:
-        raise InputError(f"stack '{source}' has {len(images)} image(s); at least {min_slices} are needed to fuse")
+        kept = f" (every {every}th of {total} kept)" if every > 1 else ""
+        raise InputError(f"stack '{source}' has {len(images)} image(s){kept}; "
+                         f"at least {min_slices} are needed to fuse")
     return check_stack(images, names, source), names
 
 
@@ -312,19 +432,206 @@ def write_bytes(path, data: bytes):
         raise
 
 
-def write_image(path, image: np.ndarray, params=()):
+# ----------------------------------------------------------------------------- metadata
+
+@dataclass(frozen=True)
+class ImageMetadata:
+    """What a fused picture takes over from its reference slice.
+
+    exif: TIFF-structured EXIF bytes (from 'II*\\0' or 'MM\\0*'), holding only
+    the camera, lens, capture and GPS tags (``camera_exif``); icc_profile: the
+    slice's ICC profile. None when the slice has none."""
+    exif: Optional[bytes] = None
+    icc_profile: Optional[bytes] = None
+
+
+# Tags that stay true of a fused picture: who and what took it, with which lens
+# and settings, when and where. Orientation is left out on purpose: the pixels
+# are read upright already, and pixel-layout tags describe the slice's file.
+IFD0_TAGS = (270, 271, 272, 306, 315, 33432)         # description, make, model, date, artist, copyright
+EXIF_IFD, GPS_IFD, ICC_TAG = 0x8769, 0x8825, 34675
+EXIF_TAGS = (33434, 33437, 34850, 34855, 34864, 34866, 36864, 36867, 36868, 36880, 36881, 36882, 37377, 37378,
+             37380, 37381, 37382, 37383, 37384, 37385, 37386, 37520, 37521, 37522, 41986, 41987, 41988, 41989,
+             41990, 42032, 42033, 42034, 42035, 42036, 42037)
+TIFF_HEADERS = (b"II*\0", b"MM\0*")
+
+
+def camera_exif(source) -> Optional[bytes]:
+    """The IFD0_TAGS, EXIF_TAGS and GPS tags of a Pillow ``Image.Exif`` as EXIF bytes (None if none).
+
+    Capture tags are taken from the EXIF sub-IFD, or from IFD0 where DNG
+    files keep them."""
+    from PIL import Image
+    kept = Image.Exif()
+    for tag in IFD0_TAGS:
+        if tag in source:
+            kept[tag] = source[tag]
+    capture = source.get_ifd(EXIF_IFD)
+    for tag in EXIF_TAGS:
+        value = capture.get(tag, source.get(tag))
+        if value is not None:
+            kept.get_ifd(EXIF_IFD)[tag] = value
+    gps = source.get_ifd(GPS_IFD)
+    if gps:
+        kept.get_ifd(GPS_IFD).update(gps)
+    if not len(kept) and not kept.get_ifd(EXIF_IFD) and not gps:
+        return None
+    return kept.tobytes()[6:]                              # without the 'Exif\0\0' of a JPEG segment
+
+
+def read_metadata(path) -> ImageMetadata:
+    """EXIF (``camera_exif``) and ICC profile of one image or TIFF-based RAW file (DNG, CR2, NEF,
+    ARW, ...); empty when the file has none or its tags cannot be parsed."""
+    try:
+        from PIL import Image
+        with open(path, "rb") as f:
+            data = f.read()
+        with warnings.catch_warnings():                    # Pillow warns about the tags it gives up on
+            warnings.simplefilter("ignore")
+            if data[:4] in TIFF_HEADERS:                   # TIFF and TIFF-based RAW: the tags, not the pixels
+                exif = Image.Exif()
+                exif.load(data)
+                icc = exif.get(ICC_TAG)
+            else:
+                with Image.open(io.BytesIO(data)) as image:
+                    exif, icc = image.getexif(), image.info.get("icc_profile")
+            return ImageMetadata(camera_exif(exif), bytes(icc) if icc else None)
+    except Exception:   # metadata is a courtesy: a slice whose pixels decode never fails on its tags
+        return ImageMetadata()
+
+
+def read_stack_metadata(source) -> ImageMetadata:
+    """The metadata of a stack's reference slice (its first file; a multi-page TIFF's own tags)."""
+    source = Path(source)
+    if source.is_file():
+        return read_metadata(source) if source.suffix.lower() in TIFF_EXTENSIONS else ImageMetadata()
+    return read_metadata(list_images(source)[0])
+
+
+def _icc_fits(icc, image) -> bool:
+    """An ICC profile describes RGB or gray pixels (header bytes 16-19); it must match the image's."""
+    return bool(icc) and icc[16:20] == (b"RGB " if image.ndim == 3 else b"GRAY")
+
+
+def _jpeg_with_metadata(data: bytes, exif, icc) -> bytes:
+    """APP1 (EXIF) and APP2 (ICC, in chunks) segments after SOI and the JFIF APP0 segment."""
+    at = 2
+    if data[2:4] == b"\xff\xe0":
+        at = 4 + struct.unpack(">H", data[4:6])[0]
+    segments = b""
+    if exif and len(exif) + 8 <= 0xFFFF:
+        segments += b"\xff\xe1" + struct.pack(">H", len(exif) + 8) + b"Exif\0\0" + exif
+    if icc:
+        chunks = [icc[k:k + 65519] for k in range(0, len(icc), 65519)]
+        for number, chunk in enumerate(chunks, start=1):
+            segments += (b"\xff\xe2" + struct.pack(">H", len(chunk) + 16) + b"ICC_PROFILE\0"
+                         + bytes((number, len(chunks))) + chunk)
+    return data[:at] + segments + data[at:]
+
+
+def _png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+def _png_with_metadata(data: bytes, exif, icc) -> bytes:
+    """iCCP and eXIf chunks right after IHDR (both must come before the image data)."""
+    at = 8 + 12 + struct.unpack(">I", data[8:12])[0]
+    chunks = b""
+    if icc:
+        chunks += _png_chunk(b"iCCP", b"ICC profile\0\0" + zlib.compress(icc))
+    if exif:
+        chunks += _png_chunk(b"eXIf", exif)
+    return data[:at] + chunks + data[at:]
+
+
+def _tiff_with_metadata(data: bytes, exif, icc) -> bytes:
+    """A new first IFD appended to the file: the encoder's entries as they are (their
+    offsets stay valid) plus the EXIF tags and the ICC profile."""
+    from PIL import Image, TiffImagePlugin
+    order = "<" if data[:2] == b"II" else ">"
+    magic, ifd_at = struct.unpack(order + "HI", data[2:8])
+    if magic != 42:                                        # BigTIFF: pixels only
+        return data
+    count = struct.unpack(order + "H", data[ifd_at:ifd_at + 2])[0]
+    entries = {struct.unpack(order + "H", data[ifd_at + 2 + 12 * k:ifd_at + 4 + 12 * k])[0]:
+               data[ifd_at + 2 + 12 * k:ifd_at + 14 + 12 * k] for k in range(count)}
+    next_ifd = data[ifd_at + 2 + 12 * count:ifd_at + 6 + 12 * count]
+    out = bytearray(data)
+
+    def append(blob: bytes) -> int:
+        out.extend(b"\0" * (len(out) % 2))                 # TIFF offsets are even
+        out.extend(blob)
+        return len(out) - len(blob)
+
+    def add(tag, kind, count_, payload):
+        field = payload.ljust(4, b"\0") if len(payload) <= 4 else struct.pack(order + "I", append(payload))
+        entries[tag] = struct.pack(order + "HHI", tag, kind, count_) + field
+
+    if icc:
+        add(ICC_TAG, 7, len(icc), icc)                     # UNDEFINED
+    if exif:
+        source = Image.Exif()
+        source.load(exif)
+        for tag in IFD0_TAGS:
+            if isinstance(source.get(tag), str):
+                text = source[tag].encode("utf-8", "replace") + b"\0"
+                add(tag, 2, len(text), text)               # ASCII
+        for pointer in (EXIF_IFD, GPS_IFD):
+            tags = source.get_ifd(pointer)
+            if tags:
+                ifd = TiffImagePlugin.ImageFileDirectory_v2(data[:8], group=pointer)
+                for tag, value in tags.items():
+                    ifd[tag] = value
+                out.extend(b"\0" * (len(out) % 2))
+                add(pointer, 4, 1, struct.pack(order + "I", append(ifd.tobytes(len(out)))))
+    table = struct.pack(order + "H", len(entries)) + b"".join(entries[t] for t in sorted(entries)) + next_ifd
+    out[4:8] = struct.pack(order + "I", append(table))
+    return bytes(out)
+
+
+# ----------------------------------------------------------------------------- writing
+
+EIGHT_BIT_EXTENSIONS = (".jpg", ".jpeg", ".bmp", ".webp")      # formats that cannot hold 16 bits
+TIFF_COMPRESSIONS = {"none": 1, "lzw": 5, "deflate": 8, "packbits": 32773}
+
+
+def encoder_params(suffix, jpeg_quality=None, tiff_compression=None) -> list:
+    """OpenCV encoder flags for a file of this suffix (None: OpenCV's default, JPEG 95, TIFF LZW)."""
+    suffix = suffix.lower()
+    if suffix in (".jpg", ".jpeg") and jpeg_quality is not None:
+        return [cv2.IMWRITE_JPEG_QUALITY, int(jpeg_quality)]
+    if suffix in TIFF_EXTENSIONS and tiff_compression is not None:
+        return [cv2.IMWRITE_TIFF_COMPRESSION, TIFF_COMPRESSIONS[tiff_compression]]
+    return []
+
+
+def write_image(path, image: np.ndarray, params=(), metadata: Optional[ImageMetadata] = None):
     """Write an image atomically; the format follows the extension (8 or 16 bit).
 
     ``params`` are OpenCV encoder flags, e.g. (cv2.IMWRITE_JPEG_QUALITY, 95).
+    A 16-bit image bound for an 8-bit-only format (JPEG, BMP, WebP) is scaled
+    to 8 bits (OpenCV would clip it). ``metadata`` (EXIF, ICC profile) goes
+    into JPEG, PNG and TIFF files; the ICC profile only onto pixels of its
+    colour space (RGB or gray).
     """
     path = Path(path)
+    suffix = (path.suffix or ".png").lower()
+    if image.dtype == np.uint16 and suffix in EIGHT_BIT_EXTENSIONS:
+        image = np.rint(image / 257.0).astype(np.uint8)
     try:
-        ok, encoded = cv2.imencode(path.suffix or ".png", image, list(params))
+        ok, encoded = cv2.imencode(suffix, image, list(params))
     except cv2.error:
         ok = False
     if not ok:
         raise InputError(f"cannot encode a {image.dtype} image of shape {image.shape} as '{path.suffix}' for '{path}'")
-    write_bytes(path, encoded.tobytes())
+    data = encoded.tobytes()
+    if metadata is not None:
+        icc = metadata.icc_profile if _icc_fits(metadata.icc_profile, image) else None
+        add = {".jpg": _jpeg_with_metadata, ".jpeg": _jpeg_with_metadata, ".png": _png_with_metadata,
+               ".tif": _tiff_with_metadata, ".tiff": _tiff_with_metadata}.get(suffix)
+        if add and (metadata.exif or icc):
+            data = add(data, metadata.exif, icc)
+    write_bytes(path, data)
 
 
 def write_npy(path, array: np.ndarray):
