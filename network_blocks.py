@@ -1,7 +1,7 @@
 """Leaf blocks of the StackMFF-V2 network.
 
 Parameter names follow the authors' released checkpoint (see
-``../shared/spec/ARCHITECTURE.md``) so that it loads with ``strict=True``.
+``docs/architecture.md``) so that it loads with ``strict=True``.
 """
 import torch
 import torch.nn as nn

@@ -1,8 +1,9 @@
 """Focus-stack synthesis from an all-in-focus image and its depth map.
 
-``released_stack`` is the authors' method (ARCHITECTURE.md, "Stack
-synthesis"): the depth is quantised into R equal bins and slice k shows bin j
-through a Gaussian blur whose kernel size grows with |j - k|.
+``released_stack`` is the authors' method (docs/architecture.md, "Stack
+synthesis as released"): the depth is quantised into R equal bins and
+slice k shows bin j through a Gaussian blur whose kernel size grows with
+|j - k|.
 
 ``physical_stack`` is a physically motivated alternative: the blur grows
 continuously with the distance from each slice's focal plane (a thin-lens
