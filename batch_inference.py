@@ -43,7 +43,20 @@ MAX_PENDING_FACTOR = 4
 
 # ----------------------------------------------------------------------------- command line
 
-def add_common_args(parser, default_output: str, default_batch: int, default_workers: int):
+def available_cpus() -> int:
+    """CPUs this process may run on: its affinity mask where the OS has one (a
+    container or taskset may allow fewer than the machine has), else the count."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def default_workers(cpus: int) -> int:
+    """Reader processes beside the main one, which fuses: min(4, cpus - 1), 0 on one CPU."""
+    return max(0, min(4, cpus - 1))
+
+
+def add_common_args(parser, default_output: str, default_batch: int):
     """Flags shared by both dataset scripts (see their --help)."""
     data = parser.add_argument_group("data")
     data.add_argument("--test_root", type=str, required=True, help="folder holding the dataset folders")
@@ -62,8 +75,10 @@ def add_common_args(parser, default_output: str, default_batch: int, default_wor
     run = add_model_arguments(parser.add_argument_group("model and speed"))
     run.add_argument("--batch_size", type=int, default=default_batch,
                      help="stacks per forward pass (only stacks of one size and length share a batch)")
-    run.add_argument("--num_workers", type=int, default=default_workers,
-                     help="DataLoader processes that read images (0: read in the main process)")
+    cpus = available_cpus()
+    run.add_argument("--num_workers", type=int, default=default_workers(cpus),
+                     help=f"DataLoader processes that read images (0: read in the main process); "
+                          f"default min(4, CPUs - 1), {default_workers(cpus)} on this machine's {cpus} CPU(s)")
     return parser
 
 

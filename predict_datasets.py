@@ -26,7 +26,7 @@ STACK_FOLDER = "dof_stack"
 
 def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    return add_common_args(parser, default_output="./results", default_batch=1, default_workers=4)
+    return add_common_args(parser, default_output="./results", default_batch=1)
 
 
 def find_stack_scenes(dataset_dir: Path):

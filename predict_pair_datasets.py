@@ -24,7 +24,7 @@ SIDES = ("A", "B")
 
 def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(parser, default_output="./output_pair", default_batch=1, default_workers=4)
+    add_common_args(parser, default_output="./output_pair", default_batch=1)
     parser.add_argument("--reverse", action="store_true",
                         help="save 1 - depth and 1 - index instead of depth and index (for pairs ordered far, near)")
     return parser

@@ -10,6 +10,8 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
+import warnings
 from pathlib import Path
 
 import cv2
@@ -220,11 +222,15 @@ class TestPredictDatasets:
             assert_same_outputs(read_outputs(out / "r" / "syn", scene),
                                 render_outputs(fuse_images(model, images), images))
 
-    def test_skip_existing_without_run_name_continues_newest_run(self, stack_root, weights, tmp_path):
+    def test_skip_existing_without_run_name_continues_newest_run(self, stack_root, weights, tmp_path, monkeypatch):
         out = tmp_path / "out"
         (out / "results_20000101_000000").mkdir(parents=True)
+        # a fixed clock: the new run's name is known, whatever the machine's date
+        real_strftime = time.strftime
+        monkeypatch.setattr(batch_inference.time, "strftime",
+                            lambda fmt: real_strftime(fmt, time.struct_time((2026, 12, 1, 20, 3, 14, 1, 335, 0))))
         first = predict_datasets.main(stack_args(stack_root, weights, out))
-        assert first.run_dir.name > "results_20000101_000000"
+        assert first.run_dir.name == "results_20261201_200314"
         resumed = predict_datasets.main(stack_args(stack_root, weights, out, "--skip_existing"))
         assert resumed.run_dir == first.run_dir and resumed.datasets[0].skipped == 6
 
@@ -238,6 +244,32 @@ class TestPredictDatasets:
         images, _ = read_stack(stack_root / "syn" / "dof_stack" / "s10")
         assert_same_outputs(read_outputs(out / "w2" / "syn", "s10"),
                             render_outputs(fuse_images(model, images), images))
+
+
+class TestReaderWorkersDefault:
+    def test_one_cpu_is_left_to_the_fusion(self):
+        assert [batch_inference.default_workers(c) for c in (1, 2, 3, 5, 64)] == [0, 1, 2, 4, 4]
+
+    def test_cpus_are_the_affinity_mask_where_there_is_one(self, monkeypatch):
+        monkeypatch.setattr(os, "cpu_count", lambda: 64)
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 5, 9}, raising=False)
+        assert batch_inference.available_cpus() == 3
+        monkeypatch.delattr(os, "sched_getaffinity")
+        assert batch_inference.available_cpus() == 64
+
+    def test_a_two_cpu_machine_gets_one_worker_and_no_torch_warning(self, stack_root, weights, tmp_path,
+                                                                   monkeypatch):
+        # torch's DataLoader reads the same mask to warn about more workers than CPUs
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+        for script in (predict_datasets, predict_pair_datasets):
+            assert script.get_args_parser().parse_args(["--test_root", "x", "--test_datasets", "y"]).num_workers == 1
+        args = predict_datasets.get_args_parser().parse_args(
+            ["--test_root", str(stack_root), "--test_datasets", "syn", "--model_path", str(weights),
+             "--output_dir", str(tmp_path / "out"), "--run_name", "r", "--device", "cpu"])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert predict_datasets.main(args).datasets[0].fused == 6
+        assert [str(w.message) for w in caught if "worker" in str(w.message)] == []
 
 
 # One thread per process: on a busy 2-core machine two threads per process run 30x slower.
