@@ -1,4 +1,4 @@
-"""Time the two synthesis modes on one synthetic scene and print the figures.
+"""Time the synthesis modes on one synthetic scene and print the figures.
 
     python make_datasets/benchmark_synthesis.py [--size 512] [--slices 16] [--repeats 3]
 
@@ -17,7 +17,7 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
 import cv2
 import numpy as np
 
-from make_datasets.synthesis import physical_stack, released_stack
+from make_datasets.synthesis import lightfield_stack, physical_stack, released_stack
 from utils import run_cli
 
 
@@ -26,7 +26,9 @@ def get_args_parser():
     parser.add_argument("--size", type=int, default=512, help="image height and width")
     parser.add_argument("--slices", type=int, default=16, help="slices per stack")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per mode; the best is printed")
-    parser.add_argument("--max_sigma", type=float, default=4.0, help="physical mode's largest blur")
+    parser.add_argument("--max_sigma", type=float, default=4.0,
+                        help="physical mode's largest blur (the Gaussian's sigma, the disc's and light field's radius)")
+    parser.add_argument("--gray", action="store_true", help="time a gray image (make_realistic.py writes gray)")
     return parser
 
 
@@ -53,10 +55,16 @@ def best_time(fn, repeats):
 def main(args):
     cv2.setNumThreads(1)
     image, depth = scene(args.size)
+    if args.gray:
+        image = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+    shape = "x".join(map(str, image.shape))
     for name, fn in (("released", lambda: released_stack(image, depth, args.slices)),
-                     ("physical", lambda: physical_stack(image, depth, args.slices, args.max_sigma))):
+                     ("physical", lambda: physical_stack(image, depth, args.slices, args.max_sigma)),
+                     ("disc", lambda: physical_stack(image, depth, args.slices, args.max_sigma, psf="disc")),
+                     ("lf 5x5", lambda: lightfield_stack(image, depth, args.slices, args.max_sigma, grid=5)),
+                     ("lf 7x7", lambda: lightfield_stack(image, depth, args.slices, args.max_sigma, grid=7))):
         seconds = best_time(fn, args.repeats)
-        print(f"{name:9s} {args.size}x{args.size}x3, {args.slices} slices: {seconds:.2f} s (best of {args.repeats})")
+        print(f"{name:9s} {shape}, {args.slices} slices: {seconds:.2f} s (best of {args.repeats})")
 
 
 if __name__ == "__main__":

@@ -259,12 +259,13 @@ def forward_depth(depth: np.ndarray, dx: np.ndarray, dy: np.ndarray) -> np.ndarr
     Returns (K, H, W) float32: that depth, or inf where nothing lands (a hole).
     """
     k, h, w = dx.shape
-    tx = np.rint(np.arange(w, dtype=np.float32)[None, None, :] + dx).astype(np.int64)
-    ty = np.rint(np.arange(h, dtype=np.float32)[None, :, None] + dy).astype(np.int64)
-    inside = (tx >= 0) & (tx < w) & (ty >= 0) & (ty < h)
-    target = (np.arange(k)[:, None, None] * (h * w) + ty * w + tx)[inside]
+    tx = np.rint(np.arange(w, dtype=np.float32)[None, None, :] + dx).astype(np.int32)
+    ty = np.rint(np.arange(h, dtype=np.float32)[None, :, None] + dy).astype(np.int32)
+    # Unsigned compares catch negative targets too; an outside source writes inf to pixel 0, a no-op.
+    inside = (tx.view(np.uint32) < w) & (ty.view(np.uint32) < h)
+    target = np.where(inside, (np.arange(k, dtype=np.int32)[:, None, None] * (h * w) + ty * w + tx), 0)
     zbuf = np.full(k * h * w, np.inf, dtype=np.float32)
-    np.minimum.at(zbuf, target, np.broadcast_to(depth.astype(np.float32), dx.shape)[inside])
+    np.minimum.at(zbuf, target.ravel(), np.where(inside, depth.astype(np.float32), np.inf).ravel())
     return zbuf.reshape(k, h, w)
 
 
