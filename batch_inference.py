@@ -28,10 +28,12 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from inference import (OUTPUT_KINDS, add_model_arguments, fuse_gray_batch, model_from_args, render_outputs,
+from inference import (FUSED_KINDS, OUTPUT_KINDS, add_model_arguments, fuse_gray_batch, model_from_args, render_outputs,
                        write_outputs)
+from exposure import add_exposure_argument, match_exposure
 from Registration import add_align_argument, align_stack
-from utils import InputError, ensure_output_dir, select_device, stack_to_tensor, write_text
+from utils import (InputError, add_output_format_arguments, ensure_output_dir, output_format_from_args, select_device,
+                   stack_to_tensor, write_text)
 
 RUN_PREFIX = "results_"
 SUMMARY_FILE = "summary.json"
@@ -63,6 +65,7 @@ def add_common_args(parser, default_output: str, default_batch: int):
     data.add_argument("--test_datasets", type=str, nargs="+", required=True,
                       help="dataset folder names under --test_root")
     add_align_argument(data)
+    add_exposure_argument(data)
     out = parser.add_argument_group("output and resume")
     out.add_argument("--output_dir", type=str, default=default_output,
                      help="results go to <output_dir>/<run folder>/<dataset>/<kind>/<scene>.<ext>")
@@ -72,6 +75,7 @@ def add_common_args(parser, default_output: str, default_batch: int):
     out.add_argument("--skip_existing", action="store_true",
                      help="skip scenes whose six outputs already exist; without --run_name, "
                           "continue the newest results_* folder in --output_dir")
+    add_output_format_arguments(out)
     run = add_model_arguments(parser.add_argument_group("model and speed"))
     run.add_argument("--batch_size", type=int, default=default_batch,
                      help="stacks per forward pass (only stacks of one size and length share a batch)")
@@ -112,9 +116,10 @@ def _describe(exc: BaseException) -> str:
 class SceneReader(Dataset):
     """Reads scenes (in DataLoader workers); a bad scene comes back with its error, never raises."""
 
-    def __init__(self, scenes: List[Scene], align: str = "none"):
+    def __init__(self, scenes: List[Scene], align: str = "none", match_exposure: bool = False):
         self.scenes = scenes
         self.align = align
+        self.match_exposure = match_exposure
 
     def __len__(self):
         return len(self.scenes)
@@ -127,6 +132,8 @@ class SceneReader(Dataset):
             images, _ = scene.load()
             if self.align != "none":
                 images = align_stack(images, method=self.align)
+            if self.match_exposure:
+                images = match_exposure(images)[0]
         except Exception as exc:  # one bad scene must not stop the run
             return LoadedScene(scene.name, error=_describe(exc))
         return LoadedScene(scene.name, images=images)
@@ -136,9 +143,11 @@ def _keep_as_is(item):
     return item
 
 
-def scene_output_paths(dataset_dir: Path, scene: str) -> dict:
-    """Stem -> <dataset_dir>/<kind folder>/<scene><ext> for the six released outputs."""
-    return {stem: dataset_dir / folder / f"{scene}{ext}" for stem, folder, ext in OUTPUT_KINDS}
+def scene_output_paths(dataset_dir: Path, scene: str, fused_suffix: str = ".png") -> dict:
+    """Stem -> <dataset_dir>/<kind folder>/<scene><ext> for the six released outputs
+    (the two fused images with ``fused_suffix``)."""
+    return {stem: dataset_dir / folder / f"{scene}{fused_suffix if stem in FUSED_KINDS else ext}"
+            for stem, folder, ext in OUTPUT_KINDS}
 
 
 def is_done(paths: dict) -> bool:
@@ -238,7 +247,7 @@ def _synchronize(device):
 
 
 def _fuse_and_write(model, device, batch: List[LoadedScene], dataset_dir: Path, reverse: bool,
-                    report: DatasetReport, fuse_options: dict):
+                    report: DatasetReport, fuse_options: dict, fused_format=(".png", {})):
     """Fuse one batch (one key), write every scene's outputs; a failing batch of
     several is retried stack by stack so that only the culprit is reported."""
     try:
@@ -252,7 +261,7 @@ def _fuse_and_write(model, device, batch: List[LoadedScene], dataset_dir: Path, 
     except Exception as exc:
         if len(batch) > 1:
             for scene in batch:
-                _fuse_and_write(model, device, [scene], dataset_dir, reverse, report, fuse_options)
+                _fuse_and_write(model, device, [scene], dataset_dir, reverse, report, fuse_options, fused_format)
             return
         report.failed[batch[0].name] = f"inference failed: {_describe(exc)}"
         return
@@ -260,7 +269,7 @@ def _fuse_and_write(model, device, batch: List[LoadedScene], dataset_dir: Path, 
     for scene, result in zip(batch, results):
         try:
             write_outputs(render_outputs(result, scene.images, reverse),
-                          scene_output_paths(dataset_dir, scene.name))
+                          scene_output_paths(dataset_dir, scene.name, fused_format[0]), **fused_format[1])
         except Exception as exc:
             report.failed[scene.name] = f"cannot write outputs: {_describe(exc)}"
             continue
@@ -268,7 +277,8 @@ def _fuse_and_write(model, device, batch: List[LoadedScene], dataset_dir: Path, 
 
 
 def run_dataset(model, device, dataset: str, scenes: List[Scene], dataset_dir: Path, *, batch_size: int,
-                num_workers: int, skip_existing: bool, reverse: bool, ranks: Ranks,
+                num_workers: int, skip_existing: bool, reverse: bool, ranks: Ranks, match_exposure: bool = False,
+                fused_format=(".png", {}),
                 align: str = "none", fuse_options: Optional[dict] = None) -> DatasetReport:
     """Fuse this rank's share of ``scenes`` (every world_size-th, in order).
 
@@ -278,7 +288,8 @@ def run_dataset(model, device, dataset: str, scenes: List[Scene], dataset_dir: P
     mine = scenes[ranks.rank::ranks.world_size]
     todo = []
     for scene in mine:
-        if skip_existing and scene.error is None and is_done(scene_output_paths(dataset_dir, scene.name)):
+        if skip_existing and scene.error is None and is_done(
+                scene_output_paths(dataset_dir, scene.name, fused_format[0])):
             report.skipped += 1
         else:
             todo.append(scene)
@@ -286,14 +297,14 @@ def run_dataset(model, device, dataset: str, scenes: List[Scene], dataset_dir: P
         ensure_output_dir(dataset_dir / folder)
     bar = tqdm(total=len(mine), initial=report.skipped, unit="stack",
                desc=dataset if not ranks.distributed else f"{dataset} [rank {ranks.rank}]")
-    loader = DataLoader(SceneReader(todo, align), batch_size=None, shuffle=False, collate_fn=_keep_as_is,
-                        num_workers=min(num_workers, len(todo)))
+    loader = DataLoader(SceneReader(todo, align, match_exposure), batch_size=None, shuffle=False,
+                        collate_fn=_keep_as_is, num_workers=min(num_workers, len(todo)))
     pending = {}   # key -> stacks waiting for a full batch
 
     def flush(key):
         batch = pending.pop(key)
         before = len(report.failed)
-        _fuse_and_write(model, device, batch, dataset_dir, reverse, report, fuse_options)
+        _fuse_and_write(model, device, batch, dataset_dir, reverse, report, fuse_options, fused_format)
         for name in list(report.failed)[before:]:
             bar.write(f"{dataset}/{name}: {report.failed[name]}")
         bar.update(len(batch))
@@ -396,6 +407,7 @@ def run_batch_inference(args, find_scenes: Callable[[Path], List[Scene]], revers
         raise InputError(f"--batch_size must be at least 1, not {args.batch_size}")
     if args.num_workers < 0:
         raise InputError(f"--num_workers must be 0 or more, not {args.num_workers}")
+    fused_format = output_format_from_args(args)      # (suffix, encoder options) of the fused images
     test_root = Path(args.test_root)
     if not test_root.is_dir():
         raise InputError(f"test root '{test_root}' does not exist or is not a folder")
@@ -433,7 +445,8 @@ def run_batch_inference(args, find_scenes: Callable[[Path], List[Scene]], revers
             reports.append(run_dataset(model, device, dataset, scenes, run_dir / dataset,
                                        batch_size=args.batch_size, num_workers=args.num_workers,
                                        skip_existing=args.skip_existing, reverse=reverse, ranks=ranks,
-                                       align=args.align,
+                                       align=args.align, match_exposure=args.match_exposure,
+                                       fused_format=fused_format,
                                        fuse_options=dict(max_memory=args.max_memory, precision=args.precision)))
         summary = RunSummary(run_dir, str(device), ranks.world_size, args.batch_size,
                              merge_reports(_gather(reports, ranks)))

@@ -17,7 +17,7 @@ from fast_inference import PRECISIONS, fast_outputs, tiled_forward
 from model import (INDEX_RULES, TEST_VIEWS, base_band_correction, checked_base_sigma, checked_base_weight_sigma,
                    checked_depth_window, checked_focus_prior, checked_fusion_temperature, load_model, uses_base_band)
 from utils import (depth_colormap, dtype_max, index_picture, resize_back, resize_to_multiple,
-                   stack_to_tensor, to_gray, to_uint8, write_image, write_npy)
+                   encoder_params, stack_to_tensor, to_gray, to_uint8, write_image, write_npy)
 
 # The weights every predict script uses unless --model_path says otherwise:
 # trained by this project (docs/weights.md); its model card beside it
@@ -99,6 +99,8 @@ OUTPUT_KINDS = (
     ("depth_index", "depth_indices", ".npy"),
     ("depth_index_vis", "depth_indices_vis", ".png"),
 )
+# The kinds written in --output_format (utils.OUTPUT_FORMATS); the others stay as above.
+FUSED_KINDS = ("fused_gray", "color_fused")
 
 
 @dataclass
@@ -245,8 +247,13 @@ def render_outputs(result: FusionResult, images, reverse: bool = False) -> dict:
     }
 
 
-def write_outputs(outputs: dict, paths: dict):
+def write_outputs(outputs: dict, paths: dict, metadata=None, **encoder_options):
     """Write render_outputs' pictures atomically: ``paths`` maps each stem to a file
-    (.npy for the index, an image format otherwise)."""
+    (.npy for the index, an image format otherwise). ``metadata`` (utils.ImageMetadata)
+    goes into the colour fused image; encoder_options: utils.encoder_params'."""
     for stem, path in paths.items():
-        (write_npy if Path(path).suffix == ".npy" else write_image)(path, outputs[stem])
+        if Path(path).suffix == ".npy":
+            write_npy(path, outputs[stem])
+        else:
+            write_image(path, outputs[stem], encoder_params(Path(path).suffix, **encoder_options),
+                        metadata if stem == "color_fused" else None)

@@ -26,11 +26,14 @@ STACK_FOLDER = "dof_stack"
 
 def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    return add_common_args(parser, default_output="./results", default_batch=1)
+    add_common_args(parser, default_output="./results", default_batch=1)
+    parser.add_argument("--every", type=int, default=1,
+                        help="keep slices 1, K+1, 2K+1, ... of every stack (default: 1)")
+    return parser
 
 
-def find_stack_scenes(dataset_dir: Path):
-    """One Scene per folder in <dataset_dir>/dof_stack, in natural order."""
+def find_stack_scenes(dataset_dir: Path, every: int = 1):
+    """One Scene per folder in <dataset_dir>/dof_stack, in natural order (every-th slice kept)."""
     stacks = dataset_dir / STACK_FOLDER
     if not dataset_dir.is_dir():
         raise InputError(f"dataset folder '{dataset_dir}' does not exist")
@@ -40,11 +43,11 @@ def find_stack_scenes(dataset_dir: Path):
                      key=natural_sort_key)
     if not folders:
         raise InputError(f"'{stacks}' holds no scene folders")
-    return [Scene(folder.name, load=partial(read_stack, folder)) for folder in folders]
+    return [Scene(folder.name, load=partial(read_stack, folder, every=every)) for folder in folders]
 
 
 def main(args):
-    return run_batch_inference(args, find_stack_scenes)
+    return run_batch_inference(args, partial(find_stack_scenes, every=args.every))
 
 
 if __name__ == "__main__":

@@ -85,14 +85,14 @@ def list_images(folder):
 
 # ----------------------------------------------------------------------------- reading
 
-def _read_bytes(path) -> np.ndarray:
+def _read_bytes(path, what="image") -> np.ndarray:
     try:
         with open(path, "rb") as f:
             data = f.read()
     except OSError as exc:
         raise InputError(f"cannot read '{path}': {exc.strerror or exc}") from None
     if not data:
-        raise InputError(f"image '{path}' is empty (0 bytes)")
+        raise InputError(f"{what} '{path}' is empty (0 bytes)")
     return np.frombuffer(data, dtype=np.uint8)
 
 
@@ -194,7 +194,7 @@ def develop_raw(path, white_balance=None):
     the multipliers used), so that a stack's slices share its first slice's.
     """
     rawpy = _import_rawpy()
-    buf = _read_bytes(path)
+    buf = _read_bytes(path, "camera RAW file")
     try:
         with _native_stderr_captured(), rawpy.imread(io.BytesIO(buf.tobytes())) as raw:
             if white_balance is None:
@@ -214,7 +214,7 @@ def read_video_frames(path, every=1):
     """Frames 1, every+1, 2*every+1, ... of a video file (OpenCV), each uint8 HxWx3 BGR.
 
     Returns (frames, number of frames in the file)."""
-    _read_bytes(path)                                      # missing or empty file: its own message
+    _read_bytes(path, "video")                             # missing or empty file: its own message
     frames, count = [], 0
     with _native_stderr_captured():                        # FFmpeg's own complaints stay off the terminal
         capture = cv2.VideoCapture(str(path))
@@ -293,7 +293,7 @@ def read_stack(source, min_slices=2, every=1):
     """
     source = Path(source)
     if every < 1:
-        raise InputError(f"every must be 1 or more, not {every}")
+        raise InputError(f"--every must be 1 or more, not {every}")
     if source.is_file():
         suffix = source.suffix.lower()
         if suffix in VIDEO_EXTENSIONS:
@@ -603,6 +603,35 @@ def encoder_params(suffix, jpeg_quality=None, tiff_compression=None) -> list:
     if suffix in TIFF_EXTENSIONS and tiff_compression is not None:
         return [cv2.IMWRITE_TIFF_COMPRESSION, TIFF_COMPRESSIONS[tiff_compression]]
     return []
+
+
+# --output_format: file suffix of the fused pictures (depth pictures and the index stay PNG / .npy)
+OUTPUT_FORMATS = {"png": ".png", "tiff": ".tif", "jpeg": ".jpg"}
+
+
+def add_output_format_arguments(group):
+    """--output_format, --jpeg_quality, --tiff_compression (read back by ``output_format_from_args``)."""
+    group.add_argument("--output_format", choices=tuple(OUTPUT_FORMATS), default="png",
+                       help="format of the two fused images (PNG and TIFF keep 16 bits, JPEG is 8-bit); "
+                            "they carry the first slice's EXIF and ICC profile (default: png)")
+    group.add_argument("--jpeg_quality", type=int, default=None,
+                       help="1 to 100, with --output_format jpeg (default: 95)")
+    group.add_argument("--tiff_compression", choices=tuple(TIFF_COMPRESSIONS), default=None,
+                       help="with --output_format tiff (default: lzw)")
+    return group
+
+
+def output_format_from_args(args):
+    """(suffix of the fused images, keyword arguments for ``encoder_params``); InputError for a
+    quality or compression flag that would have no effect."""
+    if args.jpeg_quality is not None and args.output_format != "jpeg":
+        raise InputError("--jpeg_quality applies to --output_format jpeg only")
+    if args.jpeg_quality is not None and not 1 <= args.jpeg_quality <= 100:
+        raise InputError(f"--jpeg_quality must be between 1 and 100, not {args.jpeg_quality}")
+    if args.tiff_compression is not None and args.output_format != "tiff":
+        raise InputError("--tiff_compression applies to --output_format tiff only")
+    return OUTPUT_FORMATS[args.output_format], dict(jpeg_quality=args.jpeg_quality,
+                                                    tiff_compression=args.tiff_compression)
 
 
 def write_image(path, image: np.ndarray, params=(), metadata: Optional[ImageMetadata] = None):

@@ -6,13 +6,17 @@ import cv2
 import numpy as np
 
 
+# XYZ (D65) to linear sRGB, row by row (IEC 61966-2-1).
+XYZ_TO_LINEAR_SRGB = (3.2406, -1.5372, -0.4986, -0.9689, 1.8758, 0.0415, 0.0557, -0.2040, 1.0570)
+
+
 def write_dng(path, scene, neutral=(1.0, 1.0, 1.0), make="Testmaker", model="Bench 1", bits=12,
               datetime_original=None, lens=None):
     """Write ``scene`` (float HxWx3 camera RGB in [0, 1], H and W even) as an RGGB Bayer DNG.
 
     neutral: the as-shot neutral (camera RGB of a grey object), which LibRaw
-    turns into the camera white balance 1 / neutral. The colour matrix is the
-    identity, so camera RGB is XYZ as far as LibRaw is concerned."""
+    turns into the camera white balance 1 / neutral. The colour matrix (XYZ to
+    camera) is that of linear sRGB: camera RGB is linear sRGB."""
     import pidng.core
     from pidng.defs import (CalibrationIlluminant, CFAPattern, DNGVersion, Orientation, PhotometricInterpretation,
                             PreviewColorSpace)
@@ -31,7 +35,7 @@ def write_dng(path, scene, neutral=(1.0, 1.0, 1.0), make="Testmaker", model="Ben
                        (Tag.PhotometricInterpretation, PhotometricInterpretation.Color_Filter_Array),
                        (Tag.SamplesPerPixel, 1), (Tag.BitsPerSample, bits), (Tag.CFARepeatPatternDim, [2, 2]),
                        (Tag.CFAPattern, CFAPattern.RGGB), (Tag.BlackLevel, 0), (Tag.WhiteLevel, top),
-                       (Tag.ColorMatrix1, [[1, 1], [0, 1], [0, 1], [0, 1], [1, 1], [0, 1], [0, 1], [0, 1], [1, 1]]),
+                       (Tag.ColorMatrix1, [[round(v * 10000), 10000] for v in XYZ_TO_LINEAR_SRGB]),
                        (Tag.CalibrationIlluminant1, CalibrationIlluminant.D65),
                        (Tag.AsShotNeutral, [[int(round(v * 10000)), 10000] for v in neutral]),
                        (Tag.Make, make), (Tag.Model, model),

@@ -33,7 +33,7 @@ class TestRaw:
         assert grey.dtype == np.uint16 and grey.shape == (24, 40, 3)
         spread = grey.astype(np.float64).max(axis=2) - grey.min(axis=2)
         assert spread.max() < 0.01 * 65535 and grey.mean() > 0.2 * 65535
-        write_dng(tmp_path / "red.dng", np.ones((32, 48, 3)) * [0.3, 0.25, 0.2])      # reddish, in gamut
+        write_dng(tmp_path / "red.dng", np.ones((32, 48, 3)) * [0.4, 0.1, 0.05])      # red, in gamut
         b, g, r = read_image(tmp_path / "red.dng")[INTERIOR].reshape(-1, 3).mean(axis=0)
         assert r > 1.3 * g and r > 1.3 * b
 
@@ -82,6 +82,12 @@ class TestRaw:
         with pytest.raises(InputError, match="mixes image sizes: '1.dng' is 48x32 but '2.dng' is 64x40"):
             read_stack(tmp_path)
 
+    def test_without_rawpy_a_raw_stack_says_what_to_install(self, tmp_path, monkeypatch):
+        write_dng(tmp_path / "1.dng", grey_card_scene())
+        monkeypatch.setitem(sys.modules, "rawpy", None)          # import rawpy now raises ImportError
+        with pytest.raises(InputError, match=r"camera RAW files need the rawpy package \(pip install rawpy\)"):
+            read_image(tmp_path / "1.dng")
+
     def test_rawpy_is_imported_only_for_raw_files(self, tmp_path):
         for k, image in enumerate(textured_stack(2, 16, 16), start=1):
             write_image(tmp_path / f"{k}.png", image)
@@ -89,7 +95,8 @@ class TestRaw:
         (tmp_path / "raw.dng").rename(tmp_path.parent / f"{tmp_path.name}.dng")
         code = ("import sys, utils, predict_one_stack; utils.read_stack(sys.argv[1]); print('rawpy' in sys.modules); "
                 "utils.read_image(sys.argv[2]); print('rawpy' in sys.modules)")
-        out = subprocess.run([sys.executable, "-c", code, str(tmp_path), str(tmp_path.parent / f"{tmp_path.name}.dng")], cwd=REPO,
+        raw = tmp_path.parent / f"{tmp_path.name}.dng"
+        out = subprocess.run([sys.executable, "-c", code, str(tmp_path), str(raw)], cwd=REPO,
                              capture_output=True, text=True, check=True).stdout.split()
         assert out == ["False", "True"]
 
@@ -133,7 +140,8 @@ class TestVideo:
         write_video(tmp_path / "no_frames.avi", [])
         write_video(tmp_path / "one.avi", numbered_frames(1))
         (tmp_path / "junk.mkv").write_bytes(b"\x1a\x45\xdf\xa3 not really matroska" * 30)
-        for name, words in (("empty.mp4", r"empty.mp4' is empty \(0 bytes\)"), ("no_frames.avi", "is not a readable video"),
+        for name, words in (("empty.mp4", r"video '.*empty.mp4' is empty \(0 bytes\)"),
+                            ("no_frames.avi", "is not a readable video"),
                             ("one.avi", r"has 1 image\(s\); at least 2"), ("junk.mkv", "is not a readable video"),
                             ("gone.mov", "does not exist")):
             with pytest.raises(InputError, match=words):
@@ -186,8 +194,8 @@ def camera_exif(orientation=6):
     return exif
 
 
-def srgb_profile():
-    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+# Made once: the profile's header holds the time it was made.
+SRGB_PROFILE = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
 
 
 def parsed(exif_bytes):
@@ -199,9 +207,9 @@ def parsed(exif_bytes):
 class TestMetadata:
     def test_camera_tags_kept_and_orientation_and_layout_dropped(self, tmp_path):
         Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.jpg", exif=camera_exif(),
-                                                             icc_profile=srgb_profile())
+                                                             icc_profile=SRGB_PROFILE)
         metadata = read_metadata(tmp_path / "a.jpg")
-        assert metadata.icc_profile == srgb_profile()
+        assert metadata.icc_profile == SRGB_PROFILE
         ifd0, capture = parsed(metadata.exif)
         assert (ifd0[271], ifd0[272]) == ("Testmaker", "Bench 1") and 274 not in ifd0 and 256 not in ifd0
         assert capture == {36867: "2024:05:06 07:08:09", 42036: "Macro 100 mm", 33434: 0.004}
@@ -211,30 +219,30 @@ class TestMetadata:
     def test_written_files_carry_exif_and_icc_and_keep_their_pixels(self, tmp_path, ext, dtype):
         exif = utils.camera_exif(camera_exif())
         image = textured_stack(1, 20, 30, dtype=dtype, seed=2)[0]
-        write_image(tmp_path / f"out{ext}", image, metadata=ImageMetadata(exif, srgb_profile()))
+        write_image(tmp_path / f"out{ext}", image, metadata=ImageMetadata(exif, SRGB_PROFILE))
         back = read_image(tmp_path / f"out{ext}")
         assert back.dtype == dtype
         if ext != ".jpg":
             np.testing.assert_array_equal(back, image)
         again = read_metadata(tmp_path / f"out{ext}")
-        assert again.icc_profile == srgb_profile()
+        assert again.icc_profile == SRGB_PROFILE
         assert parsed(again.exif) == parsed(exif)
 
     def test_tiff_tags_read_by_tifffile(self, tmp_path):
         """A second, independent TIFF reader sees the same tags."""
         tifffile = pytest.importorskip("tifffile")
         write_image(tmp_path / "out.tif", textured_stack(1, 12, 16, dtype=np.uint16)[0],
-                    metadata=ImageMetadata(utils.camera_exif(camera_exif()), srgb_profile()))
+                    metadata=ImageMetadata(utils.camera_exif(camera_exif()), SRGB_PROFILE))
         with tifffile.TiffFile(tmp_path / "out.tif") as tif:
             tags = tif.pages[0].tags
             assert tags["Make"].value == "Testmaker" and tags["Model"].value == "Bench 1"
             assert tags["ExifTag"].value["LensModel"] == "Macro 100 mm"
-            assert bytes(tags["InterColorProfile"].value) == srgb_profile()
+            assert bytes(tags["InterColorProfile"].value) == SRGB_PROFILE
             assert tif.pages[0].dtype == np.uint16 and tif.pages[0].shape == (12, 16, 3)
 
     def test_icc_only_onto_pixels_of_its_colour_space_and_16_bit_jpeg_scaled(self, tmp_path):
         gray = np.full((8, 8), 40000, np.uint16)
-        write_image(tmp_path / "g.png", gray, metadata=ImageMetadata(None, srgb_profile()))
+        write_image(tmp_path / "g.png", gray, metadata=ImageMetadata(None, SRGB_PROFILE))
         assert read_metadata(tmp_path / "g.png").icc_profile is None
         write_image(tmp_path / "g.jpg", gray)
         assert abs(int(read_image(tmp_path / "g.jpg")[0, 0]) - round(40000 / 257)) <= 1   # not clipped to 255
@@ -251,3 +259,101 @@ class TestMetadata:
         assert read_metadata(tmp_path / "plain.png") == ImageMetadata()
         assert read_metadata(tmp_path / "bad.tif") == ImageMetadata()
 
+
+
+# ----------------------------------------------------------------------------- the command line
+
+def textured_scene(h=64, w=96, seed=0):
+    """Linear camera RGB in [0.05, 0.8] with fine texture, for DNG brackets."""
+    return 0.05 + 0.75 * textured_stack(1, h, w, dtype=np.uint16, seed=seed)[0][:, :, ::-1] / 65535.0
+
+
+def predict(monkeypatch, capsys, *argv):
+    """predict_one_stack.py under utils.run_cli, in this process: (exit status, stderr)."""
+    import signal
+    import predict_one_stack
+    monkeypatch.setattr(sys, "argv", ["predict_one_stack.py", "--device", "cpu", *map(str, argv)])
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        utils.run_cli(predict_one_stack.main, predict_one_stack.get_args_parser())
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+    return code, capsys.readouterr().err
+
+
+class TestCommandLine:
+    def test_raw_bracket_to_16_bit_tiff_with_exif(self, tmp_path, random_weights, monkeypatch, capsys):
+        bracket = tmp_path / "bracket"
+        bracket.mkdir()
+        for k in range(3):
+            write_dng(bracket / f"IMG_{k + 1:04d}.dng", textured_scene() * (1 + 0.03 * k), lens="Macro 60 mm",
+                      datetime_original=f"2025:06:01 10:00:0{k}")
+        code, err = predict(monkeypatch, capsys, "--input_dir", bracket, "--output_dir", tmp_path / "out",
+                            "--model_path", random_weights, "--fixed_names", "--align", "ecc", "--match_exposure",
+                            "--output_format", "tiff", "--tiff_compression", "deflate")
+        assert code == 0, err
+        names = sorted(p.name for p in (tmp_path / "out").iterdir())
+        assert names == ["color_fused.tif", "depth_colormap.png", "depth_index.npy", "depth_index_vis.png",
+                         "depth_map.png", "fused_gray.tif"]
+        colour = read_image(tmp_path / "out" / "color_fused.tif")
+        assert colour.dtype == np.uint16 and colour.shape == (64, 96, 3)
+        assert read_image(tmp_path / "out" / "fused_gray.tif").dtype == np.uint16
+        ifd0, capture = parsed(read_metadata(tmp_path / "out" / "color_fused.tif").exif)
+        assert ifd0[271] == "Testmaker" and capture == {36867: "2025:06:01 10:00:00", 42036: "Macro 60 mm"}
+        assert read_metadata(tmp_path / "out" / "fused_gray.tif").exif is None
+
+    def test_jpeg_quality_and_video_every(self, tmp_path, random_weights, monkeypatch, capsys):
+        frames = [np.clip(textured_stack(1, 48, 64, seed=k)[0], 0, 255) for k in range(6)]
+        write_video(tmp_path / "clip.avi", frames)
+        sizes = {}
+        for quality in (20, 95):
+            out = tmp_path / f"q{quality}"
+            code, err = predict(monkeypatch, capsys, "--input_dir", tmp_path / "clip.avi", "--output_dir", out,
+                                "--model_path", random_weights, "--fixed_names", "--every", "2",
+                                "--output_format", "jpeg", "--jpeg_quality", quality)
+            assert code == 0, err
+            sizes[quality] = (out / "color_fused.jpg").stat().st_size
+            index = np.load(out / "depth_index.npy")
+            assert index.max() <= 2                     # frames 1, 3, 5: three slices
+        assert sizes[20] < 0.7 * sizes[95]
+
+    @pytest.mark.parametrize("case, words", [
+        ("unreadable_raw", "2.dng' is not a readable camera RAW file"),
+        ("raw_of_another_size", "mixes image sizes: '1.dng' is 48x32 but '2.dng' is 64x40"),
+        ("mixed_raw_and_png", "mixes camera RAW files ('1.dng') with other images ('2.png')"),
+        ("zero_length_video", "clip.mp4' is empty (0 bytes)"),
+        ("video_without_frames", "clip.mp4' is not a readable video"),
+        ("one_frame_video", "has 1 image(s); at least 2 are needed"),
+        ("jpeg_quality_without_jpeg", "--jpeg_quality applies to --output_format jpeg only"),
+        ("tiff_compression_without_tiff", "--tiff_compression applies to --output_format tiff only"),
+        ("every_zero", "--every must be 1 or more, not 0"),
+    ])
+    def test_bad_camera_input_is_one_line_and_exit_2(self, tmp_path, random_weights, monkeypatch, capsys, case,
+                                                       words):
+        source, extra = tmp_path / "stack", []
+        source.mkdir()
+        write_dng(source / "1.dng", grey_card_scene(32, 48))
+        if case == "unreadable_raw":
+            (source / "2.dng").write_bytes((source / "1.dng").read_bytes()[:300])
+        elif case == "raw_of_another_size":
+            write_dng(source / "2.dng", grey_card_scene(40, 64))
+        elif case == "mixed_raw_and_png":
+            write_image(source / "2.png", np.zeros((32, 48, 3), np.uint16))
+        elif "video" in case:
+            source = tmp_path / "clip.mp4"
+            if case == "zero_length_video":
+                source.write_bytes(b"")
+            else:
+                write_video(source, numbered_frames(0 if case == "video_without_frames" else 1), "mp4v")
+        else:
+            write_dng(source / "2.dng", grey_card_scene(32, 48))
+            extra = {"jpeg_quality_without_jpeg": ["--jpeg_quality", "80"],
+                     "tiff_compression_without_tiff": ["--output_format", "jpeg", "--tiff_compression", "lzw"],
+                     "every_zero": ["--every", "0"]}[case]
+        code, err = predict(monkeypatch, capsys, "--input_dir", source, "--output_dir", tmp_path / "out",
+                            "--model_path", random_weights, *extra)
+        assert code == 2 and err.count("\n") == 1 and words in err and "Traceback" not in err
+        assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
