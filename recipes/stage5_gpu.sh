@@ -53,15 +53,16 @@ log "data made: $(ls -d $W/data/*/image_stacks/* | wc -l) stacks"
 tail -n 2 "$W"/logs/gen_*.log | grep -i -E "error|Traceback" && log "a shard failed"
 
 # --- four arms from stage 4, each with the card's blend in the objective ---
+# (the card flags --views ... --depth_window give both the blend the fusion term scores and the exported card)
 left=$(( END_S - ($(date +%s) - T0) ))
 minutes=$($PY -c "print(max(0.2, ($left - 25) / 60))")
 log "training budget $minutes min per arm"
 common=(--val_dataset "$W/data/val/image_stacks" "$W/data/val/depth_maps"
         --training_image_size 256 --crop 192 --rotate --all_in_focus --batch_size 8 --num_epochs 100
-        --lr 1e-4 --lr_schedule cosine --max_minutes "$minutes" --loss mse+ce --fusion_blend 1 4 1.5
+        --lr 1e-4 --lr_schedule cosine --max_minutes "$minutes" --loss mse+ce
         --pretrained "$PRETRAINED" --num_workers 3 --num_threads 1 --max_val_batches 8
         --no-keep_epoch_checkpoints --save_dir "$W/runs" --device "$DEVICE"
-        --export_views 4 --export_fusion_temperature 1 --export_focus_prior 4 --export_depth_window 1.5)
+        --views 4 --fusion_temperature 1 --focus_prior 4 --depth_window 1.5)
 arm() {  # name seed extra-flags...
     local name=$1 seed=$2; shift 2
     $PY train.py "${train_sets[@]}" "${common[@]}" --save_name "$name" --seed "$seed" \

@@ -1,4 +1,6 @@
-"""train.py: released flags, init, loss, a tiny end-to-end run, checkpoints, resume, errors, torchrun."""
+"""train.py: released flags, init, a tiny end-to-end run, checkpoints, resume, export, errors, torchrun.
+
+The loss is tested in test_losses.py, one epoch and validation in test_engine.py."""
 import csv
 import json
 import subprocess
@@ -8,11 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 import torch.nn as nn
 
 import train
-from model import StackMFFV2, load_model
+import engine
+from fusion import FusionCard
+from model import StackMFFV2, init_weights, load_model
 from network_blocks import ConvGRUCell
 from synthetic_stacks import make_dataset
 from utils import InputError
@@ -83,12 +86,59 @@ class TestArguments:
         with pytest.raises(SystemExit):
             self.parser.parse_args(["--training_image_size", "100"])
 
+    def test_released_flags_stay_out_of_help_and_saved_arguments(self):
+        help_text = self.parser.format_help().split("options:", 1)[1]   # after the description
+        assert "--train_stack" not in help_text and "--use_val_dataset" not in help_text
+        assert "--train_dataset" in help_text and "--fusion_temperature" in help_text
+        args = self.parser.parse_args(["--train_stack_2", "/tmp/b/image_stacks", "--train_depth_continuous_2",
+                                       "/tmp/b/depth_maps", "--train_dataset", "/tmp/a/image_stacks",
+                                       "/tmp/a/depth_maps", "--export", "/tmp/out/w.pth"])
+        recorded = train.recorded_args(args)
+        assert not [k for k in recorded if "_stack" in k or "depth_continuous" in k or k.startswith("use_")]
+        assert recorded["train_dataset"] == [["/tmp/a/image_stacks", "/tmp/a/depth_maps"],
+                                             ["/tmp/b/image_stacks", "/tmp/b/depth_maps"]]
+        card = train.card_args(args)
+        assert card["train_dataset"] == ["a", "b"] and card["export"] == "w.pth"
+        assert "/tmp" not in json.dumps(card) and card.keys() == recorded.keys()
 
-class TestInitAndLoss:
+    def test_crop_not_a_multiple_of_32_is_one_usage_line(self, tmp_path):
+        result = subprocess.run([sys.executable, "train.py", "--train_dataset", str(tmp_path), str(tmp_path),
+                                 "--crop", "48"], cwd=REPO, capture_output=True, text=True)
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert "the crop must be 0 (off) or a positive multiple of 32" in result.stderr
+
+    def test_sharpest_target_without_all_in_focus_is_refused(self, data, tmp_path):
+        with pytest.raises(InputError, match="--ce_target sharpest needs --all_in_focus"):
+            train.main(tiny_args(data, tmp_path, "--loss", "mse+ce", "--ce_target", "sharpest"))
+
+    def test_card_flags_make_the_loss_and_the_export_card(self):
+        args = self.parser.parse_args(["--loss", "mse+ce", "--ce_weight", "0.3", "--fusion_weight", "30",
+                                       "--views", "4", "--fusion_temperature", "1", "--focus_prior", "4",
+                                       "--depth_window", "1.5", "--base_sigma", "2", "--base_weight_sigma", "0.7"])
+        card = FusionCard("argmax", 4, 1.0, 4.0, 1.5, 2.0, 0.7)
+        assert train.card_of(args) == card
+        loss = train.loss_from_args(args)
+        assert loss.card == card and (loss.weights.ce, loss.weights.fusion, loss.weights.distance) == (0.3, 30, 0)
+        released = self.parser.parse_args([])
+        assert train.card_of(released) == FusionCard() and train.loss_from_args(released).weights.ce == 0
+        given_rule = self.parser.parse_args(["--loss", "mse+ce", "--index_rule", "minmax_round"])
+        assert train.card_of(given_rule).index_rule == "minmax_round"
+
+    def test_blend_setting_without_a_temperature_is_one_line(self, data, tmp_path):
+        with pytest.raises(InputError, match="focus_prior 4 has no effect with fusion_temperature 0"):
+            train.main(tiny_args(data, tmp_path, "--fusion_weight", "1", "--focus_prior", "4"))
+        assert not (tmp_path / "run").exists()
+        result = subprocess.run([sys.executable, "train.py", "--train_dataset", str(tmp_path), str(tmp_path),
+                                 "--depth_window", "-1"], cwd=REPO, capture_output=True, text=True)
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert "depth_window must be a number >= 0" in result.stderr
+
+
+class TestReleasedInit:
     def test_released_init(self):
         torch.manual_seed(0)
         model = StackMFFV2()
-        train.init_weights(model)
+        init_weights(model)
         gates = model.layer_interaction.layer_interaction_depth.forward_cell_list[0].conv_gates.weight
         flat = gates.reshape(gates.shape[0], -1)                 # (32, 216): orthogonal rows
         torch.testing.assert_close(flat @ flat.T, torch.eye(32), atol=1e-5, rtol=0)
@@ -104,152 +154,6 @@ class TestInitAndLoss:
             can = cell.conv_can.weight.reshape(16, -1)           # (16, 216)
             torch.testing.assert_close(can @ can.T, torch.eye(16), atol=1e-5, rtol=0)
 
-    def test_mse_is_the_released_loss_and_ce_adds_a_term(self):
-        torch.manual_seed(0)
-        logits = torch.randn(2, 4, 8, 8)
-        depth, target = torch.rand(2, 1, 8, 8), torch.rand(2, 1, 8, 8)
-        mse = train.depth_loss(logits, depth, target, "mse")
-        torch.testing.assert_close(mse, ((depth - target) ** 2).mean())
-        # Logits that put all mass on the true bin make the cross-entropy vanish.
-        index = (target[:, 0] * 4).floor().clamp(0, 3).long()
-        perfect = torch.nn.functional.one_hot(index, 4).permute(0, 3, 1, 2).float() * 50
-        torch.testing.assert_close(train.depth_loss(perfect, depth, target, "mse+ce"), mse, atol=1e-6, rtol=0)
-        assert train.depth_loss(logits, depth, target, "mse+ce", ce_weight=1.0) > mse + 1.0
-
-    def test_fusion_term_counts_only_where_the_slices_differ(self):
-        # Two slices that differ by 0.5 on the left half only; the truth is slice 1 everywhere.
-        stack = torch.zeros(1, 2, 4, 4)
-        stack[0, 0, :, :2] = 0.5
-        target = torch.ones(1, 1, 4, 4)                      # floor(1 * 2) -> last slice
-        depth = torch.ones(1, 1, 4, 4)                       # no MSE
-        wrong = torch.zeros(1, 2, 4, 4)
-        wrong[:, 0] = 50.0                                   # confidently slice 0 everywhere
-        loss = train.depth_loss(wrong, depth, target, "mse", stack=stack, fusion_weight=2.0)
-        torch.testing.assert_close(loss, torch.tensor(2.0 * 0.5 * 0.5))  # half the pixels off by 0.5
-        right = wrong.flip(1)
-        assert train.depth_loss(right, depth, target, "mse", stack=stack, fusion_weight=2.0) < 1e-12
-
-    def test_fusion_term_uses_the_all_in_focus_channel_when_given(self):
-        # Both slices are 0.5 away from the sharp image: picking either costs 0.5 per pixel, while
-        # the gathered-slice target would cost nothing for the ground-truth slice.
-        stack = torch.zeros(1, 2, 4, 4)
-        stack[0, 1] = 1.0
-        target = torch.cat((torch.ones(1, 1, 4, 4), torch.full((1, 1, 4, 4), 0.5)), dim=1)
-        depth = torch.ones(1, 1, 4, 4)
-        right = torch.zeros(1, 2, 4, 4)
-        right[:, 1] = 50.0                                   # confidently the ground-truth slice
-        assert train.depth_loss(right, depth, target[:, :1], "mse", stack=stack, fusion_weight=2.0) < 1e-12
-        torch.testing.assert_close(train.depth_loss(right, depth, target, "mse", stack=stack, fusion_weight=2.0),
-                                   torch.tensor(2.0 * 0.5))
-        even = torch.zeros(1, 2, 4, 4)                       # an even blend is the sharp image here
-        assert train.depth_loss(even, depth, target, "mse", stack=stack, fusion_weight=2.0) < 1e-12
-
-    def test_fusion_blend_scores_the_cards_fused_image(self):
-        # Flat slices 0.2, 0.5, 1.0 and a torn network: slices 0 and 2 equally likely, slice 1 less.
-        # The sharp image is the middle slice. The plain softmax blend is 0.58 there; a narrow
-        # depth window around the expected slice (the middle) makes the blend the middle slice.
-        stack = torch.tensor([0.2, 0.5, 1.0]).view(1, 3, 1, 1).expand(1, 3, 4, 4).clone()
-        target = torch.cat((torch.ones(1, 1, 4, 4), torch.full((1, 1, 4, 4), 0.5)), dim=1)
-        depth = torch.ones(1, 1, 4, 4)
-        torn = torch.tensor([0.0, -1.0, 0.0]).view(1, 3, 1, 1).expand(1, 3, 4, 4)
-        plain_weights = torch.softmax(torn[0, :, 0, 0], dim=0)
-        plain_error = abs(float((plain_weights * torch.tensor([0.2, 0.5, 1.0])).sum()) - 0.5)
-        plain = train.depth_loss(torn, depth, target, "mse", stack=stack, fusion_weight=1.0)
-        assert plain.item() == pytest.approx(plain_error, abs=1e-6) and plain_error > 0.05
-        windowed = train.depth_loss(torn, depth, target, "mse", stack=stack, fusion_weight=1.0,
-                                    fusion_blend=(1.0, 0.0, 0.25))
-        assert windowed.item() < 0.002
-        # With a focus prior too, the term is the L1 of exactly soft_fusion_weights' blend.
-        logits, textured = torch.randn(2, 3, 8, 8), torch.rand(2, 3, 8, 8)
-        sharp = torch.cat((torch.ones(2, 1, 8, 8), torch.rand(2, 1, 8, 8)), dim=1)
-        blend = train.soft_fusion_weights(logits, 0.5, textured, 4.0, 1.5)
-        expected = 3.0 * ((blend * textured).sum(dim=1) - sharp[:, 1]).abs().mean()
-        torch.testing.assert_close(train.depth_loss(logits, torch.ones(2, 1, 8, 8), sharp, "mse", stack=textured,
-                                                    fusion_weight=3.0, fusion_blend=(0.5, 4.0, 1.5)), expected)
-
-    def test_fusion_bands_score_the_two_band_fused_image(self):
-        # Two slices that differ by an offset, picked left | right: one band leaves a step at the
-        # seam, two bands smooth it. The term must be the L1 of exactly model.blend_slices' image.
-        torch.manual_seed(0)
-        texture = torch.rand(1, 1, 16, 16)
-        stack = torch.cat((texture, texture + 0.3), dim=1)                      # (1, 2, 16, 16)
-        logits = torch.zeros(1, 2, 16, 16)
-        logits[:, 0, :, :8], logits[:, 1, :, 8:] = 30.0, 30.0
-        target = torch.cat((torch.ones(1, 1, 16, 16), texture + 0.15), dim=1)
-        depth = torch.ones(1, 1, 16, 16)
-        blend = train.soft_fusion_weights(logits, 1.0, stack, 0.0, 0.0)
-        losses = {}
-        for bands in ((0.0, 0.0), (2.0, 0.7)):
-            expected = 5.0 * (train.blend_slices(stack, blend, *bands)[:, 0] - target[:, 1]).abs().mean()
-            losses[bands] = train.depth_loss(logits, depth, target, "mse", stack=stack, fusion_weight=5.0,
-                                             fusion_bands=bands)
-            torch.testing.assert_close(losses[bands], expected)
-        assert losses[(0.0, 0.0)].item() == pytest.approx(5.0 * 0.15, abs=1e-4)   # one band: 0.15 off everywhere
-        assert losses[(2.0, 0.7)] != losses[(0.0, 0.0)]
-        result = subprocess.run([sys.executable, "train.py", "--train_dataset", str(REPO), str(REPO),
-                                 "--fusion_bands", "2", "x"], cwd=REPO, capture_output=True, text=True)
-        assert result.returncode == 2 and "Traceback" not in result.stderr
-        assert "invalid --fusion_bands value: 'x'" in result.stderr
-
-    def test_fusion_blend_needs_a_temperature(self, data, tmp_path):
-        with pytest.raises(InputError, match="temperature of --fusion_blend must be above 0"):
-            train.main(tiny_args(data, tmp_path, "--fusion_weight", "1", "--fusion_blend", "0", "4", "1.5"))
-        result = subprocess.run([sys.executable, "train.py", "--train_dataset", str(tmp_path), str(tmp_path),
-                                 "--fusion_blend", "1", "-4", "1"], cwd=REPO, capture_output=True, text=True)
-        assert result.returncode == 2 and "Traceback" not in result.stderr
-        assert "--fusion_blend values must be finite and >= 0" in result.stderr
-
-    def test_sharpest_target_replaces_only_spoilt_true_slices(self):
-        # 3 slices, 1 x 3 pixels; the truth is slice 2 everywhere. Pixel 0: slice 2 is spoilt
-        # (0.3 off), slice 0 is exact -> 0. Pixel 1: every slice is as close (flat) -> stays 2.
-        # Pixel 2: slice 1 is closer, but by less than the margin -> stays 2.
-        stack = torch.tensor([[[[0.5, 0.2, 0.0]], [[0.9, 0.2, 0.50]], [[0.8, 0.2, 0.51]]]])
-        sharp = torch.tensor([[[0.5, 0.2, 0.50]]])
-        true_index = torch.full((1, 1, 3), 2)
-        assert train.sharpest_slice_index(stack, sharp, true_index).tolist() == [[[0, 2, 2]]]
-        target = torch.cat((torch.ones(1, 1, 1, 3), sharp[:, None]), dim=1)    # depth 1 -> last slice
-        logits = torch.randn(1, 3, 1, 3)
-        depth = torch.ones(1, 1, 1, 3)
-        expected = F.cross_entropy(logits, torch.tensor([[[0, 2, 2]]]))
-        torch.testing.assert_close(train.depth_loss(logits, depth, target, "mse+ce", ce_weight=1.0, stack=stack,
-                                                    ce_target="sharpest"), expected)
-        with pytest.raises(InputError, match="needs the all-in-focus"):
-            train.depth_loss(logits, depth, target[:, :1], "mse+ce", stack=stack, ce_target="sharpest")
-
-    def test_crop_not_a_multiple_of_32_is_one_usage_line(self, tmp_path):
-        result = subprocess.run([sys.executable, "train.py", "--train_dataset", str(tmp_path), str(tmp_path),
-                                 "--crop", "48"], cwd=REPO, capture_output=True, text=True)
-        assert result.returncode == 2 and "Traceback" not in result.stderr
-        assert "the crop must be 0 (off) or a positive multiple of 32" in result.stderr
-
-    def test_sharpest_target_without_all_in_focus_is_refused(self, data, tmp_path):
-        with pytest.raises(InputError, match="--ce_target sharpest needs --all_in_focus"):
-            train.main(tiny_args(data, tmp_path, "--loss", "mse+ce", "--ce_target", "sharpest"))
-
-    def test_distance_term_charges_far_misses_more(self):
-        target = torch.zeros(1, 1, 2, 2)                     # truth: slice 0 of 4 everywhere
-        depth = torch.zeros(1, 1, 2, 2)
-        def confident(k):
-            logits = torch.zeros(1, 4, 2, 2)
-            logits[:, k] = 60.0
-            return logits
-        costs = [train.depth_loss(confident(k), depth, target, "mse", distance_weight=0.5).item()
-                 for k in range(4)]
-        assert costs == pytest.approx([0.0, 0.5, 1.0, 1.5], abs=1e-6)
-
-    def test_cosine_clock(self):
-        args = train.get_args_parser().parse_args(["--lr", "1e-3", "--num_epochs", "2", "--lr_schedule",
-                                                   "cosine"])
-        clock = train.RunClock(args, steps_per_epoch=50)
-        assert clock.cosine_lr(0) == pytest.approx(1e-3, rel=1e-3)
-        assert clock.cosine_lr(50) == pytest.approx(1e-3 * (train.COSINE_FLOOR + 1) / 2, rel=1e-3)
-        assert clock.cosine_lr(100) == pytest.approx(1e-3 * train.COSINE_FLOOR)
-        assert not clock.out_of_time()
-        args.max_minutes = 1.0
-        late = train.RunClock(args, 50, seconds_done=45.0)  # 3/4 of the budget spent
-        assert late.progress(0) == pytest.approx(0.75, abs=0.01) and not late.out_of_time()
-        assert train.RunClock(args, 50, seconds_done=61.0).out_of_time()
-
 
 class TestTraining:
     def test_validation_loss_drops(self, reference_run, data):
@@ -258,12 +162,12 @@ class TestTraining:
         args = tiny_args(data, run_dir.parent)
         torch.manual_seed(args.seed)
         model = StackMFFV2()
-        train.init_weights(model)
+        init_weights(model)
         from dataset import FocusStackDataset, GroupedBatchSampler
         val_set = FocusStackDataset([data["val"]], 64)
         loader = train.make_loader(val_set, GroupedBatchSampler(val_set.num_slices, 4, shuffle=False), 0,
                                    torch.device("cpu"))
-        initial, _, _ = train.evaluate(train.LogitsAndDepth(model), loader, train.Runtime(torch.device("cpu")), args)
+        initial, _, _ = engine.evaluate(engine.LogitsAndDepth(model), loader, engine.Runtime(torch.device("cpu")))
         final = summary["history"][-1]["val"]["val"][0]
         assert final < 0.7 * initial, (initial, final)
         with open(run_dir / "validation.csv", newline="") as f:
@@ -289,12 +193,12 @@ class TestTraining:
                                                                       monkeypatch):
         original = train.train_one_epoch
 
-        def interrupted(net, loader, optimizer, scaler, runtime, epoch, args, writer=None, clock=None):
+        def interrupted(net, loss_fn, loader, optimizer, scaler, runtime, epoch, *rest, **kwargs):
+            given = (net, loss_fn, loader, optimizer, scaler, runtime, epoch, *rest)
             if epoch == 1:  # take two optimiser steps of the second epoch, then "crash"
-                args.max_steps_per_epoch = 2
-                original(net, loader, optimizer, scaler, runtime, epoch, args, writer, clock)
+                original(*given, **{**kwargs, "max_steps": 2})
                 raise KeyboardInterrupt
-            return original(net, loader, optimizer, scaler, runtime, epoch, args, writer, clock)
+            return original(*given, **kwargs)
 
         monkeypatch.setattr(train, "train_one_epoch", interrupted)
         with pytest.raises(KeyboardInterrupt):
@@ -311,7 +215,7 @@ class TestTraining:
             assert [r["epoch"] for r in csv.DictReader(f)] == ["1", "2"]
 
     def test_non_finite_loss_stops_the_run(self, data, tmp_path, monkeypatch):
-        monkeypatch.setattr(train, "depth_loss", lambda logits, *a: logits.sum() * float("nan"))
+        monkeypatch.setattr(train, "loss_from_args", lambda args: lambda logits, *a: logits.sum() * float("nan"))
         with pytest.raises(InputError, match="loss became nan at epoch 1, step 1"):
             train.main(tiny_args(data, tmp_path))
         assert not list((tmp_path / "run").glob("*.pth"))
@@ -337,8 +241,8 @@ class TestTraining:
                                        "--zoom", "1.5", "--contrast", "0.3", "--lr_schedule", "cosine",
                                        "--loss", "mse+ce", "--ce_weight", "1", "--fusion_weight", "1",
                                        "--distance_weight", "1", "--export", str(export),
-                                       "--export_fusion_temperature", "0.1", "--export_base_sigma", "2",
-                                       "--export_base_weight_sigma", "0.7"))
+                                       "--fusion_temperature", "0.1", "--base_sigma", "2",
+                                       "--base_weight_sigma", "0.7"))
         assert summary["history"][0]["train_loss"] > 0
         saved = torch.load(tmp_path / "run" / "last.pth", weights_only=True)
         exported = torch.load(export, weights_only=True)
@@ -347,9 +251,10 @@ class TestTraining:
         card = json.loads(export.with_suffix(".json").read_text())
         assert card["index_rule"] == "argmax" and card["trained_by"] == "train.py"
         assert card["args"]["crop"] == 32 and card["epochs_done"] == 1
-        model = load_model(str(export))
-        assert model.index_rule == "argmax" and model.fusion_temperature == 0.1
-        assert (model.base_sigma, model.base_weight_sigma) == (2.0, 0.7)
+        assert FusionCard.beside(export) == FusionCard("argmax", 1, 0.1, base_sigma=2.0, base_weight_sigma=0.7)
+        assert card["args"]["train_dataset"] == ["train"] and card["args"]["export"] == "mine.pth"
+        assert str(tmp_path) not in json.dumps(card)
+        load_model(str(export))
         assert "exported the final weights" in capsys.readouterr().out
 
     def test_resume_of_a_finished_run_still_exports(self, reference_run, data, tmp_path):
@@ -371,10 +276,10 @@ class TestTraining:
     def test_budget_spent_between_epochs_adds_no_empty_epoch(self, data, tmp_path, monkeypatch, capsys):
         original = train.train_one_epoch
 
-        def spent_before_epoch_two(net, loader, optimizer, scaler, runtime, epoch, args, writer=None, clock=None):
+        def spent_before_epoch_two(net, loss_fn, loader, optimizer, scaler, runtime, epoch, *rest, **kwargs):
             if epoch == 1:
-                clock.budget = 1e-9     # already spent at the first check of the epoch
-            return original(net, loader, optimizer, scaler, runtime, epoch, args, writer, clock)
+                kwargs["clock"].budget = 1e-9     # already spent at the first check of the epoch
+            return original(net, loss_fn, loader, optimizer, scaler, runtime, epoch, *rest, **kwargs)
 
         monkeypatch.setattr(train, "train_one_epoch", spent_before_epoch_two)
         export = tmp_path / "w.pth"
