@@ -1,5 +1,6 @@
 """Speed and peak memory of the inference paths, each configuration in a fresh process.
 
+    python bench/benchmark_speed.py                      # the shipped weights
     python bench/benchmark_speed.py --model_path ../shared/reference/official/model.pth
 
 For every (slices, megapixels) it runs the straightforward path
@@ -9,7 +10,9 @@ second, peak RSS (``ru_maxrss`` of the child process), the speed ratio to the
 straightforward path in wall time and in CPU time (the steadier one on a
 loaded machine), and the 1-minute load average before each run. Every
 configuration is run ``--repeats`` times back to back; the fastest run is shown.
-The default grid takes a few minutes on a 2-core CPU.
+The default grid takes a few minutes on a 2-core CPU. Missing weights stop it
+before any run (exit 2); a configuration that fails shows why in its row, and
+the script then exits 1.
 """
 import argparse
 import json
@@ -19,11 +22,13 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
 
 def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model_path", type=str, default=str(REPO.parent / "shared/reference/official/model.pth"))
+    parser.add_argument("--model_path", type=str, default=str(REPO / "weights" / "stackmffv2_synthetic.pth"),
+                        help="weights to time (default: the shipped ones)")
     parser.add_argument("--slices", type=int, nargs="+", default=[8, 16], help="stack lengths")
     parser.add_argument("--megapixels", type=float, nargs="+", default=[0.25, 1.0, 2.0, 4.0],
                         help="image sizes")
@@ -45,7 +50,6 @@ def child(spec):
 
     import numpy as np
     import torch
-    sys.path.insert(0, str(REPO))
     from inference import fuse_gray_batch
     from model import load_model
     torch.set_num_threads(spec["threads"])
@@ -70,11 +74,16 @@ def run_child(spec):
     """One configuration in a fresh process -> its JSON result, or an error line."""
     out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
     if out.returncode:
-        return f"failed: {out.stderr.strip().splitlines()[-1:]}"
+        last = out.stderr.strip().splitlines()[-1:] or [f"exit status {out.returncode}"]
+        return f"failed: {last[0]}"
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main(args):
+    from utils import InputError
+    if not Path(args.model_path).is_file():
+        raise InputError(f"weights not found at '{args.model_path}' (pass --model_path)")
+    failed = 0
     print(f"{'N':>3} {'MP':>5} {'path':<16} {'wall s':>8} {'cpu s':>8} {'MPF/s':>7} {'peak RSS MB':>11} "
           f"{'x wall':>7} {'x cpu':>6} {'load':>5}")
     for n in args.slices:
@@ -94,6 +103,7 @@ def main(args):
                     runs.append(dict(r, load=load))
                 if not runs:
                     print(f"{n:>3} {mp:>5} {path:<16} {r}")
+                    failed += 1
                     continue
                 r = min(runs, key=lambda run: run["wall_s"])
                 mpf = n * r["h"] * r["w"] / 1e6
@@ -104,11 +114,15 @@ def main(args):
                 print(f"{n:>3} {mp:>5} {path:<16} {r['wall_s']:>8.2f} {r['cpu_s']:>8.2f} "
                       f"{mpf / r['wall_s']:>7.3f} {r['rss_mb']:>11.0f} {wall_ratio:>7} {cpu_ratio:>6} "
                       f"{r['load']:>5.2f}", flush=True)
+    if failed:
+        print(f"error: {failed} configuration(s) failed (reasons in their rows)", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
-    arguments = get_args_parser().parse_args()
-    if arguments.child:
-        child(json.loads(arguments.child))
+    spec = get_args_parser().parse_args().child
+    if spec:
+        child(json.loads(spec))
     else:
-        main(arguments)
+        from utils import run_cli
+        run_cli(main, get_args_parser())
