@@ -1,6 +1,6 @@
 """Fuse one focus stack into an all-in-focus image and a depth map.
 
-    python predict_one_stack.py --input_dir examples/stack --output_dir results
+    python predict_one_stack.py --input_dir examples/coffee_stack --output_dir results
 
 The input is a folder of slices (sorted by the numbers in their names) or a
 multi-page TIFF. Six outputs are written, as released: fused gray, depth

@@ -13,3 +13,13 @@ def test_train_help_shows_defaults():
         assert f"(default: {default})" in help_of_flag, (flag, help_of_flag)
     # flags whose help already says the default, or that are unset, do not repeat it
     assert "(default: None)" not in text and "(default: False)" not in text
+
+
+def test_examples_in_the_help_texts_exist():
+    # the scripts' docstrings are their --help descriptions
+    named = {(path.relative_to(REPO).as_posix(), match)
+             for path in REPO.glob("**/*.py") if ".venv" not in path.parts
+             for match in re.findall(r"\bexamples/[\w.-]+", path.read_text(errors="replace"))}
+    assert named, "no example is named anywhere: the pattern is wrong"
+    missing = sorted((source, name) for source, name in named if not (REPO / name).exists())
+    assert missing == []
