@@ -9,6 +9,7 @@ pixel c of the reference frame shows the photo point G_r A_r^-1 c; in frame k
 that point lands at A_k G_k^-1 G_r A_r^-1 c. The residual error of frame k is
 the mean distance of that point from c over the four image corners.
 """
+import os
 import subprocess
 import sys
 import warnings
@@ -388,7 +389,8 @@ class TestPredictOption:
         result = subprocess.run([sys.executable, str(REPO / "predict_one_stack.py"), "--input_dir", str(stack),
                                  "--output_dir", str(tmp_path / "out"), "--model_path", str(OFFICIAL_MODEL),
                                  "--device", "cpu", "--fixed_names", "--align", "ecc"],
-                                capture_output=True, text=True, cwd=REPO, timeout=300)
+                                capture_output=True, text=True, cwd=REPO, timeout=300,
+                                env=dict(os.environ, OMP_NUM_THREADS="1"))
         assert result.returncode == 0, result.stderr
         fused = read_image(tmp_path / "out" / "color_fused.png")
         # The colour fused image is built from the aligned slices: with the first
