@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from inference import (FUSED_KINDS, OUTPUT_KINDS, add_model_arguments, fuse_gray_batch, model_from_args, render_outputs,
                        write_outputs)
+from fusion import FusionCard
 from exposure import add_exposure_argument, match_exposure
 from Registration import add_align_argument, align_stack
 from utils import (InputError, add_output_format_arguments, ensure_output_dir, output_format_from_args, select_device,
@@ -246,7 +247,7 @@ def _synchronize(device):
         torch.mps.synchronize()
 
 
-def _fuse_and_write(model, device, batch: List[LoadedScene], dataset_dir: Path, reverse: bool,
+def _fuse_and_write(model, card, device, batch: List[LoadedScene], dataset_dir: Path, reverse: bool,
                     report: DatasetReport, fuse_options: dict, fused_format=(".png", {})):
     """Fuse one batch (one key), write every scene's outputs; a failing batch of
     several is retried stack by stack so that only the culprit is reported."""
@@ -255,13 +256,13 @@ def _fuse_and_write(model, device, batch: List[LoadedScene], dataset_dir: Path, 
         _synchronize(device)
         start = time.perf_counter()
         kept = sum(im.nbytes for scene in batch for im in scene.images)   # held for colour fusion
-        results = fuse_gray_batch(model, gray, device, reserved_bytes=kept, **fuse_options)
+        results = fuse_gray_batch(model, card, gray, device, reserved_bytes=kept, **fuse_options)
         _synchronize(device)
         elapsed = time.perf_counter() - start
     except Exception as exc:
         if len(batch) > 1:
             for scene in batch:
-                _fuse_and_write(model, device, [scene], dataset_dir, reverse, report, fuse_options, fused_format)
+                _fuse_and_write(model, card, device, [scene], dataset_dir, reverse, report, fuse_options, fused_format)
             return
         report.failed[batch[0].name] = f"inference failed: {_describe(exc)}"
         return
@@ -279,8 +280,10 @@ def _fuse_and_write(model, device, batch: List[LoadedScene], dataset_dir: Path, 
 def run_dataset(model, device, dataset: str, scenes: List[Scene], dataset_dir: Path, *, batch_size: int,
                 num_workers: int, skip_existing: bool, reverse: bool, ranks: Ranks, match_exposure: bool = False,
                 fused_format=(".png", {}),
-                align: str = "none", fuse_options: Optional[dict] = None) -> DatasetReport:
-    """Fuse this rank's share of ``scenes`` (every world_size-th, in order).
+                align: str = "none", fuse_options: Optional[dict] = None,
+                card: FusionCard = FusionCard()) -> DatasetReport:
+    """Fuse this rank's share of ``scenes`` (every world_size-th, in order), decoded by ``card``
+    (default: the released decoding; main passes the checkpoint's).
 
     fuse_options: keyword arguments for inference.fuse_gray_batch (max_memory, precision)."""
     fuse_options = fuse_options or {}
@@ -304,7 +307,7 @@ def run_dataset(model, device, dataset: str, scenes: List[Scene], dataset_dir: P
     def flush(key):
         batch = pending.pop(key)
         before = len(report.failed)
-        _fuse_and_write(model, device, batch, dataset_dir, reverse, report, fuse_options, fused_format)
+        _fuse_and_write(model, card, device, batch, dataset_dir, reverse, report, fuse_options, fused_format)
         for name in list(report.failed)[before:]:
             bar.write(f"{dataset}/{name}: {report.failed[name]}")
         bar.update(len(batch))
@@ -414,10 +417,10 @@ def run_batch_inference(args, find_scenes: Callable[[Path], List[Scene]], revers
     ranks = init_ranks()
     try:
         device = rank_device(args.device, ranks)
-        model = model_from_args(args, device)
+        model, card = model_from_args(args, device)
         # One tiny untimed pass pays the libraries' one-off start-up (kernel
         # selection, allocator), which would otherwise land on the first stack.
-        fuse_gray_batch(model, torch.zeros(1, 2, 32, 32), device)
+        fuse_gray_batch(model, card, torch.zeros(1, 2, 32, 32), device)
         output_dir = Path(args.output_dir)
         run_dir, error = None, None
         if ranks.rank == 0:
@@ -447,7 +450,8 @@ def run_batch_inference(args, find_scenes: Callable[[Path], List[Scene]], revers
                                        skip_existing=args.skip_existing, reverse=reverse, ranks=ranks,
                                        align=args.align, match_exposure=args.match_exposure,
                                        fused_format=fused_format,
-                                       fuse_options=dict(max_memory=args.max_memory, precision=args.precision)))
+                                       fuse_options=dict(max_memory=args.max_memory, precision=args.precision),
+                                       card=card))
         summary = RunSummary(run_dir, str(device), ranks.world_size, args.batch_size,
                              merge_reports(_gather(reports, ranks)))
         if ranks.rank == 0:

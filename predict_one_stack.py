@@ -54,10 +54,10 @@ def main(args):
     if args.match_exposure:
         images, gains = match_exposure(images)
         print(f"matched exposure to slice 1: gains {gains.min():.3f} to {gains.max():.3f}")
-    model = model_from_args(args, device)
+    model, card = model_from_args(args, device)
     output_dir = ensure_output_dir(args.output_dir)
     start = time.perf_counter()
-    result = fuse_images(model, images, device, args.max_memory, args.precision)
+    result = fuse_images(model, card, images, device, args.max_memory, args.precision)
     elapsed = time.perf_counter() - start
     paths = output_paths(output_dir, args.fixed_names, fused_suffix)
     write_outputs(render_outputs(result, images, args.reverse), paths, read_stack_metadata(args.input_dir),

@@ -3,10 +3,10 @@
     python bench/benchmark_blend.py                  # 16 slices of 1 MP, 2 threads
 
 Prints, for ``--slices`` random gray slices of ``--megapixels`` and random
-focus logits, the fastest of ``--repeats`` runs of ``model.soft_fusion_weights``
+focus logits, the fastest of ``--repeats`` runs of ``fusion.soft_weights``
 with the shipped card's temperature, focus prior and depth window, of
-``model.blend_slices`` with one band and with the card's two bands, and of
-``model.gaussian_blur`` alone at the base sigma. The network's own time is
+``fusion.blend`` with one band and with the card's two bands, and of
+``fusion.gaussian_blur`` alone at the base sigma. The network's own time is
 in bench/benchmark_speed.py.
 """
 import argparse
@@ -20,7 +20,7 @@ sys.path.insert(0, str(REPO))
 
 from inference import DEFAULT_MODEL  # noqa: E402
 from make_datasets.benchmark_synthesis import best_time  # noqa: E402
-from model import blend_slices, gaussian_blur, read_inference_settings, soft_fusion_weights  # noqa: E402
+from fusion import FusionCard, blend, gaussian_blur, soft_weights  # noqa: E402
 from utils import run_cli  # noqa: E402
 
 
@@ -35,19 +35,19 @@ def get_args_parser():
 
 def main(args):
     torch.set_num_threads(args.threads)
-    card = read_inference_settings(DEFAULT_MODEL)
+    card = FusionCard.beside(DEFAULT_MODEL)
+    one_band = FusionCard(fusion_temperature=card.fusion_temperature)
     side = int(round((args.megapixels * 1e6) ** 0.5))
     generator = torch.Generator().manual_seed(0)
     stack = torch.rand(1, args.slices, side, side, generator=generator)
     logits = torch.randn(1, args.slices, side, side, generator=generator)
     with torch.inference_mode():
-        weights = soft_fusion_weights(logits, card.fusion_temperature, stack, card.focus_prior, card.depth_window)
+        weights = soft_weights(stack, logits, card)
         steps = {
-            "soft_fusion_weights (card)": lambda: soft_fusion_weights(
-                logits, card.fusion_temperature, stack, card.focus_prior, card.depth_window),
-            "blend_slices, one band": lambda: blend_slices(stack, weights),
-            f"blend_slices, two bands ({card.base_sigma:g} / {card.base_weight_sigma:g} px)": lambda: blend_slices(
-                stack, weights, card.base_sigma, card.base_weight_sigma),
+            "soft_weights (card)": lambda: soft_weights(stack, logits, card),
+            "blend, one band": lambda: blend(stack, weights, one_band),
+            f"blend, two bands ({card.base_sigma:g} / {card.base_weight_sigma:g} px)": lambda: blend(
+                stack, weights, card),
             f"gaussian_blur of the stack, sigma {card.base_sigma:g} px": lambda: gaussian_blur(stack, card.base_sigma),
         }
         print(f"{args.slices} slices of {side} x {side} px, {args.threads} threads, fastest of {args.repeats}")

@@ -50,10 +50,11 @@ def child(spec):
 
     import numpy as np
     import torch
+    from fusion import FusionCard
     from inference import fuse_gray_batch
     from model import load_model
     torch.set_num_threads(spec["threads"])
-    model = load_model(spec["model_path"], "cpu")
+    model, card = load_model(spec["model_path"], "cpu"), FusionCard.beside(spec["model_path"])
     side = int(round((spec["megapixels"] * 1e6) ** 0.5 / 32)) * 32
     h, w = side, side
     rng = np.random.default_rng(0)
@@ -61,10 +62,10 @@ def child(spec):
     path = spec["path"]
     wall, cpu = time.perf_counter(), time.process_time()
     if path == "tiled":
-        fuse_gray_batch(model, stack, max_memory=spec["max_memory"])
+        fuse_gray_batch(model, card, stack, max_memory=spec["max_memory"])
     else:
         gray = torch.from_numpy(stack.astype(np.float32) / 255)
-        fuse_gray_batch(model, gray, fast=(path == "fast"))
+        fuse_gray_batch(model, card, gray, fast=(path == "fast"))
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     print(json.dumps({"wall_s": wall, "cpu_s": cpu, "h": h, "w": w,
                       "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))

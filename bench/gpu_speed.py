@@ -16,6 +16,7 @@ import argparse
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import cv2
@@ -25,7 +26,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from fast_inference import PRECISIONS, fast_forward  # noqa: E402
+from fast_inference import PRECISIONS, fast_focus_logits, fast_forward  # noqa: E402
+from fusion import FusionCard, fuse, view_logits  # noqa: E402
 from make_datasets.synthesis import released_stack  # noqa: E402
 from model import load_model  # noqa: E402
 
@@ -64,17 +66,22 @@ def timed(fn, repeats):
     return statistics.median(times), out
 
 
-def speed_table(model, args):
+def speed_table(model, card, args):
     for n in args.slices:
         for mp in args.megapixels:
             side = int(round((mp * 1e6) ** 0.5 / 32)) * 32
             x = torch.from_numpy(photo_stack(n, side))[None].to(args.device)
-            runs = {"straightforward fp32": lambda: model(x)}
+
+            def decoded(logits_fn):
+                """The card's outputs from one way of computing the logits."""
+                return lambda: fuse(x, view_logits(logits_fn, x, card.views), card)[:3]
+            runs = {"straightforward fp32": decoded(model.focus_logits)}
             for precision in PRECISIONS:
                 # The default on a GPU runs the feature extractor on every slice at once;
                 # chunks of 2 (the CPU default) show what that is worth.
-                runs[f"fast {precision}"] = lambda p=precision: fast_forward(model, x, p)
-                runs[f"fast {precision} chunk 2"] = lambda p=precision: fast_forward(model, x, p, chunk=2)
+                runs[f"fast {precision}"] = decoded(partial(fast_focus_logits, model, precision=precision))
+                runs[f"fast {precision} chunk 2"] = decoded(partial(fast_focus_logits, model, precision=precision,
+                                                                    chunk=2))
             reference = None
             for name, fn in runs.items():
                 torch.cuda.reset_peak_memory_stats()
@@ -112,12 +119,12 @@ def parity_agreement(model, path, device):
 
 
 def main(args):
-    model = load_model(args.model_path, args.device)
+    model, card = load_model(args.model_path, args.device), FusionCard.beside(args.model_path)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {args.model_path} "
-          f"(index rule {model.index_rule}, {model.views} view(s))", flush=True)
+          f"(index rule {card.index_rule}, {card.views} view(s))", flush=True)
     if args.parity:
         parity_agreement(model, args.parity, args.device)
-    speed_table(model, args)
+    speed_table(model, card, args)
 
 
 if __name__ == "__main__":

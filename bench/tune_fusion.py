@@ -11,7 +11,7 @@ official weights' lead on the benchmark's physical sets; these show it).
 The network's focus logits are computed once per stack (with the model
 card's views and index rule); every setting (temperature, 0: pick by
 index; focus prior; depth window; with ``--base_sigmas`` above 0, the
-two-band blend of ``model.blend_slices`` with each of
+two-band blend of ``fusion.blend`` with each of
 ``--base_weight_sigmas``) then fuses them.
 Printed: mean PSNR of the fused gray image against the all-in-focus image
 per set, and the score, the mean over sets, with each stack's PSNR capped
@@ -35,7 +35,8 @@ from fast_inference import fast_focus_logits  # noqa: E402
 from inference import DEFAULT_MODEL  # noqa: E402
 from make_datasets.make_synthetic import DEPTH_KINDS, check_min_step_share, kept_scenes, physical_available  # noqa: E402
 from metrics import psnr as gray_psnr  # noqa: E402
-from model import blend_slices, gather_slices, load_model, multi_view_logits, soft_fusion_weights  # noqa: E402
+from fusion import FusionCard, fuse, view_logits  # noqa: E402
+from model import load_model  # noqa: E402
 from utils import run_cli, stack_to_tensor, to_gray_float  # noqa: E402
 
 
@@ -73,7 +74,7 @@ def get_args_parser():
 def main(args):
     check_min_step_share(args.min_step_share)
     torch.set_num_threads(args.threads)
-    model = load_model(args.model_path, "cpu")
+    model, card = load_model(args.model_path, "cpu"), FusionCard.beside(args.model_path)
     logits_of = partial(fast_focus_logits, model)
     blurs = ["released"] + (["physical"] if physical_available() else [])
     sets = [(blur, n, noise) for noise in args.noise for blur in blurs for n in (8, 16)]
@@ -90,13 +91,10 @@ def main(args):
                     generator = torch.Generator().manual_seed(scene)
                     x = x + torch.randn(x.shape, generator=generator) * (noise / 255)
                     x = (x.clamp(0, 1) * 255).round() / 255
-                logits = multi_view_logits(logits_of, x, model.views)
+                logits = view_logits(logits_of, x, card.views)
                 aif = to_gray_float(image)
                 for t, p, w, bs, bw in candidates:
-                    if t == 0:
-                        fused = gather_slices(x, model.index_and_depth(logits)[0])
-                    else:
-                        fused = blend_slices(x, soft_fusion_weights(logits, t, x, p, w), bs, bw)
+                    fused = fuse(x, logits, FusionCard(card.index_rule, card.views, t, p, w, bs, bw)).fused
                     # metrics.psnr works on the 0..255 scale (the same dB) and gives inf when exact.
                     psnr[((blur, n, noise), (t, p, w, bs, bw))].append(gray_psnr(fused[0, 0].clamp(0, 1).numpy() * 255, aif * 255))
                 bar.update()

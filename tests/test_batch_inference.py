@@ -22,6 +22,7 @@ import torch
 import batch_inference
 import predict_datasets
 import predict_pair_datasets
+from fusion import FusionCard
 from inference import OUTPUT_KINDS, fuse_images, render_outputs
 from conftest import DATA, OFFICIAL_WEIGHTS, REPO, textured_stack
 from model import load_model
@@ -106,7 +107,7 @@ class TestPredictDatasets:
             assert report.mean_ms is not None and report.mean_ms > 0
         for scene in GOOD_STACKS:
             images, _ = read_stack(stack_root / "syn" / "dof_stack" / scene)
-            want = render_outputs(fuse_images(model, images), images)
+            want = render_outputs(fuse_images(model, FusionCard.beside(weights), images), images)
             assert_same_outputs(read_outputs(out / "b3" / "syn", scene), want)
             assert_same_outputs(read_outputs(out / "b1" / "syn", scene), want)
         saved = json.loads((out / "b3" / "summary.json").read_text())["datasets"]["syn"]
@@ -129,16 +130,16 @@ class TestPredictDatasets:
         assert summary.datasets[0].fused == 1
         images, _ = read_stack(folder)
         aligned = align_stack(images, method="ecc")
-        want = render_outputs(fuse_images(load_model(weights), aligned), aligned)
+        want = render_outputs(fuse_images(load_model(weights), FusionCard.beside(weights), aligned), aligned)
         assert_same_outputs(read_outputs(tmp_path / "out" / "r" / "syn", "shaken"), want)
 
     def test_only_same_size_and_length_share_a_batch(self, stack_root, weights, tmp_path, monkeypatch):
         seen = []
         real = batch_inference.fuse_gray_batch
 
-        def spy(model, gray, device=None, **options):
+        def spy(model, card, gray, device=None, **options):
             seen.append(tuple(gray.shape))
-            return real(model, gray, device, **options)
+            return real(model, card, gray, device, **options)
 
         monkeypatch.setattr(batch_inference, "fuse_gray_batch", spy)
         predict_datasets.main(stack_args(stack_root, weights, tmp_path / "out", "--batch_size", "8"))
@@ -147,10 +148,10 @@ class TestPredictDatasets:
     def test_failing_batch_is_retried_stack_by_stack(self, stack_root, weights, tmp_path, monkeypatch):
         real = batch_inference.fuse_gray_batch
 
-        def out_of_memory(model, gray, device=None, **options):
+        def out_of_memory(model, card, gray, device=None, **options):
             if gray.shape[0] > 1 or gray.shape[1:] == (3, 48, 40):   # any batch, and the 'tall' stack
                 raise RuntimeError("out of memory")
-            return real(model, gray, device, **options)
+            return real(model, card, gray, device, **options)
 
         monkeypatch.setattr(batch_inference, "fuse_gray_batch", out_of_memory)
         report = predict_datasets.main(stack_args(stack_root, weights, tmp_path / "out", "--batch_size", "4")).datasets[0]
@@ -168,7 +169,7 @@ class TestPredictDatasets:
         monkeypatch.setattr(batch_inference.SceneReader, "__getitem__",
                             lambda self, i: events.append("read") or real_read(self, i))
         monkeypatch.setattr(batch_inference, "fuse_gray_batch",
-                            lambda m, g, d=None, **o: events.append("fuse") or real_fuse(m, g, d, **o))
+                            lambda m, c, g, d=None, **o: events.append("fuse") or real_fuse(m, c, g, d, **o))
         report = predict_datasets.main(stack_args(tmp_path / "data", weights, tmp_path / "out",
                                                   "--batch_size", "2")).datasets[0]
         assert report.fused == 10
@@ -194,11 +195,11 @@ class TestPredictDatasets:
         real_write = inference.write_image
         calls = {"n": 0}
 
-        def dying_write(path, image):
+        def dying_write(path, image, *encoding):
             calls["n"] += 1
             if calls["n"] == 9:   # the fourth picture of the second scene: a kill mid-scene
                 raise KeyboardInterrupt
-            real_write(path, image)
+            real_write(path, image, *encoding)
 
         monkeypatch.setattr(inference, "write_image", dying_write)
         with pytest.raises(KeyboardInterrupt):
@@ -220,7 +221,7 @@ class TestPredictDatasets:
         for scene in GOOD_STACKS:
             images, _ = read_stack(stack_root / "syn" / "dof_stack" / scene)
             assert_same_outputs(read_outputs(out / "r" / "syn", scene),
-                                render_outputs(fuse_images(model, images), images))
+                                render_outputs(fuse_images(model, FusionCard.beside(weights), images), images))
 
     def test_skip_existing_without_run_name_continues_newest_run(self, stack_root, weights, tmp_path, monkeypatch):
         out = tmp_path / "out"
@@ -243,7 +244,7 @@ class TestPredictDatasets:
         model = load_model(weights)
         images, _ = read_stack(stack_root / "syn" / "dof_stack" / "s10")
         assert_same_outputs(read_outputs(out / "w2" / "syn", "s10"),
-                            render_outputs(fuse_images(model, images), images))
+                            render_outputs(fuse_images(model, FusionCard.beside(weights), images), images))
 
 
 class TestReaderWorkersDefault:
@@ -386,7 +387,7 @@ class TestPredictPairDatasets:
             images = [read_image(pair_root / "pairs" / "A" / f"{k}.png"),
                       read_image(pair_root / "pairs" / "B" / f"{k}.jpg")]
             assert_same_outputs(read_outputs(out / "r" / "pairs", str(k)),
-                                render_outputs(fuse_images(model, images), images))
+                                render_outputs(fuse_images(model, FusionCard.beside(weights), images), images))
 
     def test_reverse_flips_depth_and_index(self, pair_root, weights, tmp_path):
         out = tmp_path / "out"
@@ -412,7 +413,7 @@ class TestRealData:
         summary = predict_datasets.main(args)
         assert summary.exit_status == 0 and summary.datasets[0].fused == 1
         images, _ = read_stack(REAL_STACKS / "EDF_BIG_microscopy" / "dof_stack" / "skeleton-zeiss")
-        want = render_outputs(fuse_images(load_model(OFFICIAL), images), images)
+        want = render_outputs(fuse_images(load_model(OFFICIAL), FusionCard.beside(OFFICIAL), images), images)
         got = read_outputs(tmp_path / "real" / "EDF_BIG_microscopy", "skeleton-zeiss")
         for stem in want:
             np.testing.assert_array_equal(got[stem], want[stem], err_msg=stem)
@@ -435,7 +436,7 @@ class TestRealData:
         for k in (1, 2):
             images = [read_image(LYTRO / "A" / f"{k}.jpg"), read_image(LYTRO / "B" / f"{k}.jpg")]
             assert_same_outputs(read_outputs(tmp_path / "out" / "lytro" / "Lytro", str(k)),
-                                render_outputs(fuse_images(model, images), images))
+                                render_outputs(fuse_images(model, FusionCard.beside(OFFICIAL), images), images))
 
 
 class TestInterruption:

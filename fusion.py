@@ -1,0 +1,389 @@
+"""From focus logits to the fused image and the depth map, as a checkpoint's model card says.
+
+The network (``model.StackMFFV2``) gives focus logits, one per slice and
+pixel. How they become outputs is decided by a ``FusionCard``, read from
+the JSON file beside a checkpoint (no file: the released decoding):
+
+* ``views``: the logits are averaged over mirrored/transposed passes
+  (``view_logits``);
+* ``index_rule``: how the slice index (and depth map) is read;
+* ``fusion_temperature`` 0 takes each pixel from the indexed slice
+  (released); above 0 the slices are blended with softmax weights, refined
+  by ``depth_window`` and ``focus_prior``, in one band or in two
+  (``base_sigma``, ``base_weight_sigma``).
+
+``fuse(stack, logits, card)`` is the one decoding of a gray stack;
+``fuse_colour`` repeats its choice on the colour slices. Every inference
+path (reference, fast, tiled) and the training loss's fusion term go
+through these functions.
+"""
+import argparse
+import json
+import numbers
+import os
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import NamedTuple, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from model import CheckpointError, depth_map_creation, depth_to_index, expected_slice_number, gather_slices
+from utils import InputError, dtype_max, write_text
+
+# How the slice index is read from the focus logits:
+# - "minmax_round" (released): round(min-max normalised expected slice * (N-1));
+# - "argmax": the slice of highest focus logit at every pixel; its depth output
+#   is index / (N - 1), so depth map and fused image agree.
+INDEX_RULES = ("minmax_round", "argmax")
+
+# Test-time views: the focus logits of the stack as given (1), also mirrored
+# left-right (2), also up-down and both (4), and the same four transposed (8),
+# each mapped back and averaged. The network is not equivariant to these
+# mirrors, so the views disagree where it is unsure; their mean is steadier.
+TEST_VIEWS = (1, 2, 4, 8)
+
+# Settings that refine a blend; a pick by index (temperature 0) has no use for them.
+BLEND_SETTINGS = ("focus_prior", "depth_window", "base_sigma", "base_weight_sigma")
+
+
+def _number(help_text):
+    return field(default=0.0, metadata={"help": help_text})
+
+
+@dataclass(frozen=True)
+class FusionCard:
+    """How a checkpoint's logits are decoded; validated when made (ValueError naming the setting)."""
+    index_rule: str = field(default="minmax_round", metadata={
+        "help": "how the slice index is read from the focus logits", "choices": INDEX_RULES})
+    views: int = field(default=1, metadata={
+        "help": "test-time views whose focus logits are averaged: 1 the stack as given, 2 also mirrored, "
+                "4 also flipped up-down, 8 also transposed; costs that many passes", "choices": TEST_VIEWS})
+    fusion_temperature: float = _number(
+        "0 takes each pixel from the slice the index names (released); T > 0 blends the slices with "
+        "softmax(focus logits / T) weights")
+    focus_prior: float = _number(
+        "p > 0 multiplies each slice's blend weight by its local sharpness (squared Laplacian) to the power p, "
+        "so that among the slices the network finds likely the sharpest wins")
+    depth_window: float = _number(
+        "w > 0 keeps the blend within about w slices of the expected slice number, so that at the edge of a "
+        "near object it takes the slices between the two depths")
+    base_sigma: float = _number(
+        "s > 0 blends in two bands: each slice's base (Gaussian blur of sigma s px) takes the blend weights "
+        "smoothed by --base_weight_sigma, its detail the weights as they are, so seams at depth edges fade")
+    base_weight_sigma: float = _number("px: the Gaussian that smooths the weights of the base band; 0: one band")
+
+    def __post_init__(self):
+        if self.index_rule not in INDEX_RULES:
+            raise ValueError(f"index_rule must be one of {INDEX_RULES}, got {self.index_rule!r}")
+        if isinstance(self.views, bool) or self.views not in TEST_VIEWS:
+            raise ValueError(f"views must be one of {TEST_VIEWS}, got {self.views!r}")
+        object.__setattr__(self, "views", int(self.views))
+        for name in ("fusion_temperature",) + BLEND_SETTINGS:
+            value = getattr(self, name)      # a JSON string that parses as a number is still refused
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 0:
+                raise ValueError(f"{name} must be a number >= 0, got {value!r}")   # `not >=`: also NaN
+            object.__setattr__(self, name, float(value))
+        unused = [name for name in BLEND_SETTINGS if getattr(self, name)]
+        if not self.fusion_temperature and unused:
+            raise ValueError(f"{unused[0]} {getattr(self, unused[0]):g} has no effect with fusion_temperature 0 "
+                             "(the fused image picks by index); give a temperature > 0 or leave it out")
+
+    @property
+    def two_bands(self) -> bool:
+        """Whether the blend runs in two bands (both sigmas above 0)."""
+        return bool(self.base_sigma and self.base_weight_sigma)
+
+    def halo(self) -> int:
+        """Pixels around a pixel whose logits and slices its fused image depends on (the focus
+        prior's Laplacian and blur, the two-band blurs); 0 for a pick by index."""
+        if not self.fusion_temperature:
+            return 0
+        prior = 1 + _gaussian_radius(FOCUS_ENERGY_SIGMA) if self.focus_prior else 0
+        if not self.two_bands:
+            return prior
+        return max(_gaussian_radius(self.base_sigma), prior + _gaussian_radius(self.base_weight_sigma))
+
+    def with_overrides(self, **given) -> "FusionCard":
+        """This card with the settings in ``given`` (None: keep the card's). A temperature of 0
+        given here drops the card's blend settings, which only a blend uses."""
+        given = {k: v for k, v in given.items() if v is not None}
+        if given.get("fusion_temperature") == 0:
+            given = {**{name: 0.0 for name in BLEND_SETTINGS}, **given}
+        return replace(self, **given)
+
+    @classmethod
+    def beside(cls, checkpoint) -> "FusionCard":
+        """The card recorded beside a checkpoint (``card_path``), else the released decoding.
+        CheckpointError with one sentence when the file is unreadable or a setting is wrong."""
+        path = card_path(checkpoint)
+        if not os.path.isfile(path):
+            return cls()
+        try:
+            with open(path, encoding="utf-8") as f:
+                recorded = json.load(f)
+            settings = {f.name: recorded[f.name] for f in fields(cls) if f.name in recorded}
+        except (OSError, ValueError, TypeError) as exc:
+            raise CheckpointError(f"model card {path!r} is not readable JSON ({type(exc).__name__})") from None
+        try:
+            return cls(**settings)
+        except ValueError as exc:
+            raise CheckpointError(f"model card {path!r}: {exc}") from None
+
+    def write_beside(self, checkpoint, **provenance):
+        """Write this card beside a checkpoint (atomically), with ``provenance`` (how the weights were made)."""
+        write_text(card_path(checkpoint), json.dumps({**provenance, **asdict(self)}, indent=2, sort_keys=True) + "\n")
+
+
+def card_path(checkpoint) -> str:
+    """The JSON file beside a checkpoint that holds its card (``x.pth`` -> ``x.json``)."""
+    return os.path.splitext(os.fspath(checkpoint))[0] + ".json"
+
+
+def argument_type(name: str):
+    """An argparse type for card setting ``name``: its value, or one usage error saying what is wrong."""
+    kind = next(f.type for f in fields(FusionCard) if f.name == name)
+
+    def parse(text):
+        try:
+            value = kind(text)
+            replace(FusionCard(fusion_temperature=1.0), **{name: value})   # the card's own checks
+        except ValueError as exc:
+            message = str(exc) if name in str(exc) else f"{name} must be a number >= 0, got {text!r}"
+            raise argparse.ArgumentTypeError(message) from None
+        return value
+    return parse
+
+
+def add_card_arguments(group, default_note="the model card's, else the released value"):
+    """One flag per FusionCard setting (``--views``, ``--fusion_temperature``, ...), default None."""
+    for f in fields(FusionCard):
+        needs = "; needs a fusion temperature > 0" if f.name in BLEND_SETTINGS else ""
+        group.add_argument(f"--{f.name}", type=argument_type(f.name), default=None, choices=f.metadata.get("choices"),
+                           help=f"{f.metadata['help']}{needs} (default: {default_note})")
+    return group
+
+
+def card_from_args(args, card: FusionCard) -> FusionCard:
+    """``card`` with the flags of ``add_card_arguments`` that were given; InputError (one line)
+    when the result makes no sense, e.g. a blend setting with a pick by index."""
+    try:
+        return card.with_overrides(**{f.name: getattr(args, f.name) for f in fields(FusionCard)})
+    except ValueError as exc:
+        raise InputError(f"--{exc}") from None
+
+
+# ----------------------------------------------------------------------------- views
+
+
+def _mirror(t: torch.Tensor, k: int) -> torch.Tensor:
+    """Bit 0 of k mirrors the last axis (left-right), bit 1 the one before (up-down); its own inverse."""
+    dims = ([-1] if k & 1 else []) + ([-2] if k & 2 else [])
+    return t.flip(dims) if dims else t
+
+
+def view(t: torch.Tensor, k: int) -> torch.Tensor:
+    """View k of TEST_VIEWS' order on the last two axes: the mirrors of ``_mirror``, then bit 2 transposes."""
+    t = _mirror(t, k)
+    return t.transpose(-1, -2) if k & 4 else t
+
+
+def unview(t: torch.Tensor, k: int) -> torch.Tensor:
+    """The inverse of ``view``."""
+    return _mirror(t.transpose(-1, -2) if k & 4 else t, k)
+
+
+def view_logits(logits_fn, x: torch.Tensor, views: int = 1) -> torch.Tensor:
+    """Mean focus logits of ``views`` mirrored/transposed copies of x (B, N, H, W), each mapped back.
+
+    ``logits_fn`` maps (B, N, H', W') -> (B, N, H', W'); views 1 is one plain call."""
+    if views not in TEST_VIEWS:
+        raise ValueError(f"views must be one of {TEST_VIEWS}, got {views!r}")
+    total = logits_fn(x)
+    for k in range(1, views):
+        total = total + unview(logits_fn(view(x, k).contiguous()), k)
+    return total / views if views > 1 else total
+
+
+# ----------------------------------------------------------------------------- index and depth
+
+
+def index_and_depth(logits: torch.Tensor, index_rule: str):
+    """Focus logits (B, N, H, W) -> (index (B, H, W) int64, depth (B, 1, H, W) in [0, 1]) by ``index_rule``."""
+    if index_rule == "argmax":
+        n = logits.shape[1]
+        index = logits.argmax(dim=1)                                          # (B, H, W)
+        return index, index.unsqueeze(1).to(torch.float32) / max(n - 1, 1)
+    depth = depth_map_creation(logits)
+    return depth_to_index(depth, logits.shape[1]), depth
+
+
+# ----------------------------------------------------------------------------- soft weights
+
+# The focus prior's local sharpness: squared 4-neighbour Laplacian, smoothed
+# by a Gaussian of this sigma (pixels), plus a floor (squared Laplacian of
+# [0, 1] images, about that of 2-gray-level sensor noise) so that where no
+# slice has more than noise the network's weights stay: a prior that chased
+# the noisiest slice there would undo the blend's averaging. Both were
+# chosen on held-out synthetic stacks, clean and with that noise added
+# (docs/weights.md).
+FOCUS_ENERGY_SIGMA = 0.5
+FOCUS_ENERGY_FLOOR = 1e-3
+
+
+def _gaussian_radius(sigma: float) -> int:
+    return max(1, int(round(4 * sigma)))
+
+
+def _gaussian_taps(sigma: float) -> torch.Tensor:
+    radius = _gaussian_radius(sigma)
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    taps = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    return taps / taps.sum()
+
+
+def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of every channel: x (B, C, H, W) -> float32, same shape.
+
+    Edge pixels are repeated at the border, so any size works; sigma 0 returns x as float32.
+    Each pass is a sum of shifted copies: it computes the same sum as a one-channel conv2d
+    over the planes, about 4 times faster on the CPU (bench/benchmark_blend.py)."""
+    x = x.float()
+    if not sigma:
+        return x
+    taps = _gaussian_taps(sigma).tolist()
+    r = len(taps) // 2
+    for dim, pad in ((-1, (r, r, 0, 0)), (-2, (0, 0, r, r))):
+        padded = F.pad(x, pad, mode="replicate")
+        size = x.shape[dim]
+        x = padded.narrow(dim, 0, size) * taps[0]
+        for i in range(1, len(taps)):
+            x.add_(padded.narrow(dim, i, size), alpha=taps[i])
+    return x
+
+
+def focus_energy(x: torch.Tensor, sigma: float = FOCUS_ENERGY_SIGMA) -> torch.Tensor:
+    """Local sharpness of every slice: x (B, N, H, W) -> (B, N, H, W) >= 0, float32.
+
+    Edge pixels are repeated at the border, so any size works."""
+    b, n, h, w = x.shape
+    padded = F.pad(x.reshape(b * n, 1, h, w).float(), (1, 1, 1, 1), mode="replicate")
+    laplacian = (padded[..., :-2, 1:-1] + padded[..., 2:, 1:-1] + padded[..., 1:-1, :-2] + padded[..., 1:-1, 2:]
+                 - 4 * padded[..., 1:-1, 1:-1])
+    return gaussian_blur(laplacian ** 2, sigma).reshape(b, n, h, w)
+
+
+def soft_weights(stack: torch.Tensor, logits: torch.Tensor, card: FusionCard) -> torch.Tensor:
+    """Per-slice blend weights (B, N, H, W), summing to 1 over the slices: softmax(logits / T).
+
+    A blend instead of a pick: where the network hesitates between slices
+    that look alike the mean of the likely ones is closer to the truth than
+    either (the shipped weights were trained with this blend as a loss term).
+    Small temperatures approach the argmax pick.
+
+    ``depth_window`` w > 0 also multiplies each slice's weight by a Gaussian
+    of width w slices around the expected slice number (the released depth
+    before its min-max): where the network sees two depths at once, at the
+    edge of a near object, the blend moves to the slices between them. With
+    real optics that is right: focused on the far side, the near object's
+    blur spills over the far pixels, so the far slice is not sharp there.
+
+    ``focus_prior`` p > 0 multiplies each slice's weight by its local
+    sharpness (``focus_energy`` of ``stack``) to the power p before
+    normalising: among the slices the network finds likely, the one with
+    the finest detail at that pixel wins. The network places the depth; the
+    pixels themselves say which of the neighbouring slices is sharpest.
+    """
+    if not card.fusion_temperature:
+        raise ValueError("soft weights need a fusion_temperature above 0")
+    scores = logits.float() / card.fusion_temperature
+    if card.depth_window:
+        slice_number = torch.arange(1, logits.shape[1] + 1, dtype=torch.float32, device=logits.device)
+        distance = slice_number.view(1, -1, 1, 1) - expected_slice_number(logits)      # (B, N, H, W)
+        scores = scores - distance ** 2 / (2 * card.depth_window ** 2)
+    if card.focus_prior:
+        scores = scores + card.focus_prior * torch.log(focus_energy(stack) + FOCUS_ENERGY_FLOOR)
+    return torch.softmax(scores, dim=1)
+
+
+# ----------------------------------------------------------------------------- blends
+
+
+def _base_band_correction(planes: torch.Tensor, weights: torch.Tensor, card: FusionCard) -> torch.Tensor:
+    """What the two-band blend adds to weights * planes, per plane: (smooth(weights) - weights) * base(planes),
+    since sum_k w_k x_k + sum_k (smooth(w)_k - w_k) base(x_k) = detail by w + base by smooth(w).
+
+    planes (B, C, H, W) and weights (B, C or 1, H, W) broadcast: the slices of a gray stack with their
+    weights, or the colour channels of one slice with its weight."""
+    return (gaussian_blur(weights, card.base_weight_sigma) - weights) * gaussian_blur(planes, card.base_sigma)
+
+
+def blend(stack: torch.Tensor, weights: torch.Tensor, card: FusionCard) -> torch.Tensor:
+    """Fused image sum_k weights_k * stack_k: stack and weights (B, N, H, W) -> (B, 1, H, W) float32.
+
+    With the card's two bands each slice splits into its base (Gaussian
+    blur of ``base_sigma`` px) and its detail (the rest). The detail takes
+    ``weights``; the base takes them smoothed by a Gaussian of
+    ``base_weight_sigma`` px, as multi-resolution blending does. Where the
+    weights jump from one slice to another, at a depth edge, the slices'
+    smooth parts differ (with real optics a near object's blur spills over
+    the far side), and a hard switch there leaves a seam in the low
+    frequencies; spread over a few pixels it fades, while the fine detail
+    keeps the sharp weights. Smoothing keeps the weights summing to 1, so a
+    stack of identical slices still fuses to that slice.
+    """
+    fused = (weights * stack).sum(dim=1, keepdim=True)
+    if not card.two_bands:
+        return fused
+    return fused + _base_band_correction(stack, weights, card).sum(dim=1, keepdim=True)
+
+
+def blended_image(stack: torch.Tensor, logits: torch.Tensor, card: FusionCard):
+    """The card's blend of a gray stack: (fused (B, 1, H, W) float32, weights (B, N, H, W))."""
+    weights = soft_weights(stack, logits, card)
+    return blend(stack, weights, card), weights
+
+
+class Fused(NamedTuple):
+    """One decoding: fused (B, 1, H, W) float32, depth (B, 1, H, W) in [0, 1], index (B, H, W)
+    int64 in [0, N-1], weights (B, N, H, W) of the blend or None for a pick by index."""
+    fused: torch.Tensor
+    depth: torch.Tensor
+    index: torch.Tensor
+    weights: Optional[torch.Tensor]
+
+
+def fuse(stack: torch.Tensor, logits: torch.Tensor, card: FusionCard) -> Fused:
+    """Gray stack (B, N, H, W) in [0, 1] and its (view-averaged) focus logits -> the card's outputs."""
+    index, depth = index_and_depth(logits, card.index_rule)
+    if not card.fusion_temperature:
+        return Fused(gather_slices(stack, index), depth, index, None)
+    fused, weights = blended_image(stack, logits, card)
+    return Fused(fused, depth, index, weights)
+
+
+def fuse_colour(images, index: np.ndarray, weights: Optional[np.ndarray], card: FusionCard) -> np.ndarray:
+    """The card's fused image of the original slices (uint8/uint16, gray or colour), slice by slice.
+
+    weights None: take, at every pixel, the slice named by ``index`` (H, W)
+    (released). Else sum_k weights[k] * images[k] with weights (N, H, W) at
+    the images' size, in the card's bands (each colour channel on its own),
+    rounded back to the input's type. Memory stays at a few images more
+    than the inputs (stacking all N slices first would double it).
+    """
+    if weights is None:
+        fused = images[0].copy()                                      # (H, W[, 3])
+        for k in range(1, len(images)):
+            chosen = index == k                                       # (H, W)
+            fused[chosen] = images[k][chosen]
+        return fused
+    total = np.zeros(images[0].shape, np.float32)
+    for image, weight in zip(images, weights):
+        if card.two_bands:
+            planes = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
+            planes = planes.permute(2, 0, 1) if image.ndim == 3 else planes[None]      # (C, H, W)
+            correction = _base_band_correction(planes[None], torch.from_numpy(weight)[None, None],
+                                               card)[0].numpy()                        # (C, H, W)
+            total += correction.transpose(1, 2, 0) if image.ndim == 3 else correction[0]
+        total += image * (weight[..., None] if image.ndim == 3 else weight)
+    return np.clip(np.rint(total), 0, dtype_max(images[0].dtype)).astype(images[0].dtype)
