@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler
 
-from utils import InputError, is_image_file, list_images, natural_sort_key, read_image, read_stack, to_gray_float
+from utils import InputError, images_by_stem, list_images, natural_sort_key, read_image, read_stack, to_gray_float
 
 STACK_FOLDER = "image_stacks"
 DEPTH_FOLDER = "depth_maps"
@@ -72,26 +72,15 @@ def _check_folder(path, role: str) -> Path:
     return path
 
 
-def _images_by_stem(folder: Path) -> dict:
-    """{file name without extension: path} of the images in ``folder``; a .png wins over
-    other formats of the same name."""
-    files = {}
-    for path in sorted(folder.iterdir(), key=natural_sort_key):
-        if path.is_file() and is_image_file(path) and not path.name.startswith("."):
-            if path.stem not in files or path.suffix.lower() == ".png":
-                files[path.stem] = path
-    return files
-
-
 def _first_names(names) -> str:
     """The first three names of a list for an error message, '...' when there are more."""
     return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
 
 
 def _images_for(names, folder: Path, what: str) -> dict:
-    """``_images_by_stem(folder)``; InputError "<k> of <n> scenes <what>: <first names>" when some
+    """``utils.images_by_stem(folder)``; InputError "<k> of <n> scenes <what>: <first names>" when some
     of ``names`` have no image there."""
-    files = _images_by_stem(folder)
+    files = images_by_stem(folder, required=False)
     missing = [name for name in names if name not in files]
     if missing:
         raise InputError(f"{len(missing)} of {len(names)} scenes {what}: {_first_names(missing)}")

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from inference import OUTPUT_KINDS
 from metrics import METRIC_NAMES, METRICS, to_gray255
-from utils import (InputError, ensure_output_dir, is_image_file, list_images, natural_sort_key, read_image,
+from utils import (InputError, ensure_output_dir, images_by_stem, list_images, natural_sort_key, read_image,
                    run_cli, write_text)
 
 # the folders the batch predictor writes
@@ -76,19 +76,6 @@ def parse_methods(specs):
     return methods
 
 
-def images_by_scene(folder) -> dict:
-    """{scene name: image path} for the images directly in ``folder`` ({} if absent)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return {}
-    files = sorted((p for p in folder.iterdir() if p.is_file() and is_image_file(p) and not p.name.startswith(".")),
-                   key=natural_sort_key)
-    found = {}
-    for path in files:
-        found.setdefault(path.stem, path)  # a.png before a.jpg is as good as any rule: keep the first
-    return found
-
-
 def find_datasets(methods: dict) -> list:
     names = set()
     for folder in methods.values():
@@ -99,7 +86,7 @@ def find_datasets(methods: dict) -> list:
 
 def pair_sources(dataset_dir: Path) -> dict:
     """{scene: (path A, path B)} from A/ + B/ folders or two-slice dof_stack/<scene>/ folders."""
-    a, b = images_by_scene(dataset_dir / "A"), images_by_scene(dataset_dir / "B")
+    a, b = images_by_stem(dataset_dir / "A", required=False), images_by_stem(dataset_dir / "B", required=False)
     pairs = {scene: (a[scene], b[scene]) for scene in a if scene in b}
     stacks = dataset_dir / "dof_stack"
     if stacks.is_dir():
@@ -128,13 +115,14 @@ class DatasetInputs:
 
 
 def gather_inputs(dataset: str, methods: dict, data_root) -> DatasetInputs:
-    inputs = DatasetInputs(dataset,
-                           fused={m: images_by_scene(f / dataset / FUSED_DIR) for m, f in methods.items()},
-                           depth={m: images_by_scene(f / dataset / DEPTH_DIR) for m, f in methods.items()})
+    def images(folder):
+        return images_by_stem(folder, required=False)
+    inputs = DatasetInputs(dataset, fused={m: images(f / dataset / FUSED_DIR) for m, f in methods.items()},
+                           depth={m: images(f / dataset / DEPTH_DIR) for m, f in methods.items()})
     if data_root is not None:
         dataset_dir = Path(data_root) / dataset
-        inputs.all_in_focus = images_by_scene(dataset_dir / "AiF")
-        inputs.depth_truth = images_by_scene(dataset_dir / "depth")
+        inputs.all_in_focus = images(dataset_dir / "AiF")
+        inputs.depth_truth = images(dataset_dir / "depth")
         inputs.pairs = pair_sources(dataset_dir)
     every = set().union(*(set(s) for s in inputs.fused.values()))
     for scene in sorted(every, key=natural_sort_key):

@@ -83,6 +83,25 @@ def list_images(folder):
     return sorted(files, key=natural_sort_key)
 
 
+def images_by_stem(folder, required: bool = True) -> dict:
+    """{file name without extension: path} of the images directly in ``folder``, in natural order.
+
+    Two images of one name ('a.png' and 'a.jpg') are an InputError naming both: which one is
+    meant is the user's to say, not a rule's to guess. ``required``: a missing or empty folder is
+    an InputError too (``list_images``); without it, {}.
+    """
+    folder = Path(folder)
+    if not required and not (folder.is_dir() and any(is_image_file(p) for p in folder.iterdir())):
+        return {}
+    found = {}
+    for path in list_images(folder):
+        if path.stem in found:
+            raise InputError(f"'{found[path.stem].name}' and '{path.name}' in '{folder}' share the name "
+                             f"'{path.stem}'; keep one")
+        found[path.stem] = path
+    return found
+
+
 # ----------------------------------------------------------------------------- reading
 
 def _read_bytes(path, what="image") -> np.ndarray:

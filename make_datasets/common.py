@@ -17,7 +17,7 @@ import numpy as np
 from scipy import ndimage
 from tqdm import tqdm
 
-from utils import (InputError, ensure_output_dir, is_image_file, list_images, natural_sort_key, write_bytes,
+from utils import (InputError, ensure_output_dir, images_by_stem, natural_sort_key, write_bytes,
                    read_image, write_image)
 
 
@@ -64,17 +64,6 @@ def find_files(root, pattern, what):
     return files
 
 
-def images_by_stem(folder) -> dict:
-    """{stem: path} of the images directly in ``folder``; InputError when two share a stem."""
-    found = {}
-    for path in list_images(folder):
-        if path.stem in found:
-            raise InputError(f"'{found[path.stem].name}' and '{path.name}' in '{folder}' share the name "
-                             f"'{path.stem}'; keep one")
-        found[path.stem] = path
-    return found
-
-
 def pair_by_stem(image_dir, depth_dir):
     """[(name, image path, depth path or None)] for every image, in natural order.
 
@@ -83,7 +72,7 @@ def pair_by_stem(image_dir, depth_dir):
     """
     require_dir(depth_dir, "depth folder")
     images = images_by_stem(image_dir)
-    depths = {p.stem: p for p in Path(depth_dir).iterdir() if p.is_file() and is_image_file(p)}
+    depths = images_by_stem(depth_dir, required=False)
     return [(name, path, depths.get(name)) for name, path in images.items()]
 
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from conftest import textured_stack
-from utils import (InputError, depth_colormap, index_picture, list_images, natural_sort_key, read_image,
-                   read_stack, resize_to_multiple, to_gray_float, write_image, write_npy)
+from utils import (InputError, depth_colormap, images_by_stem, index_picture, list_images, natural_sort_key,
+                   read_image, read_stack, resize_to_multiple, to_gray_float, write_image, write_npy)
 
 
 class TestNaturalSort:
@@ -21,6 +21,17 @@ class TestNaturalSort:
             write_image(tmp_path / f"{k}.png", np.full((4, 4), k, np.uint8))
         (tmp_path / "notes.txt").write_text("not an image")
         assert [p.name for p in list_images(tmp_path)] == ["1.png", "2.png", "10.png"]
+
+    def test_images_by_stem_refuses_two_images_of_one_name(self, tmp_path):
+        for name in ("10.png", "2.jpg", "b.tif"):
+            write_image(tmp_path / name, np.zeros((4, 4), np.uint8))
+        assert list(images_by_stem(tmp_path)) == ["2", "10", "b"]
+        write_image(tmp_path / "2.png", np.zeros((4, 4), np.uint8))
+        with pytest.raises(InputError, match="'2.jpg' and '2.png' .* share the name '2'; keep one"):
+            images_by_stem(tmp_path)
+        assert images_by_stem(tmp_path / "absent", required=False) == {}
+        with pytest.raises(InputError, match="does not exist"):
+            images_by_stem(tmp_path / "absent")
 
 
 class TestReadImage:
