@@ -1,29 +1,45 @@
-"""Fusion quality of the shipped weights, the official weights and a classical floor.
+"""Fusion quality of the shipped weights, the official weights and their peers, in one table.
 
-    python bench/benchmark_fusion.py
+    python bench/benchmark_fusion.py --threads 2
 
-Part 1, ground truth: focus stacks are synthesised from scikit-image's
-``stereo_motorcycle`` (left view, with its real disparity; no training source
-uses it) for several crops, 8 and 16 slices, and each blur mode
-(``released_stack``, and ``physical_stack`` when this checkout has it). For
-every set one table: SSIM and PSNR of the fused gray image against the
-all-in-focus gray image (as the paper), and the mean absolute error of the
-slice index, in slices. Depth: disparity holes (inf) take the nearest valid
-value; large disparity = near = 0; each crop's depth is stretched to 0..255,
-as a photographer brackets the depth range of the framed scene.
+Part 1, ground truth, synthetic: focus stacks are synthesised from
+scikit-image's ``stereo_motorcycle`` (left view, with its real disparity; no
+training source uses it) for several crops, 8 and 16 slices, and each blur
+mode (``released_stack``, ``physical_stack``). For every set one table: SSIM
+and PSNR of the fused gray image against the all-in-focus gray image (as the
+paper), the mean absolute error of the slice index in slices (fusers that pick
+no slice leave it empty), and seconds per stack. Depth: disparity holes (inf)
+take the nearest valid value; large disparity = near = 0; each crop's depth is
+stretched to 0..255, as a photographer brackets the depth range of the framed scene.
 
-Part 2, no ground truth: the real stacks in ../shared/data/stacks (downscaled
+Part 2, ground truth, real optics: the light fields in ../shared/data/lightfields
+(validation only: never train or tune on them alone), refocused by
+make_datasets/lightfield.py into --lightfield_slices planes spanning each
+scene's disparity; the centre view is the all-in-focus image and the sweep's
+focus index the true index. Built stacks are cached in --lightfield_cache.
+
+Part 3, no ground truth: the real stacks in ../shared/data/stacks (downscaled
 so that the longer side is at most ``--real_max_side``): mean gradient
 magnitude and Laplacian variance of the fused gray image (higher = sharper),
 and one side-by-side picture per scene in ``--figures_dir``
-(middle input slice | official | ours | classical).
+(middle input slice | official | ours | argmax).
+
+Last, the summary: one row per ground-truth set, one column per fuser, PSNR
+and seconds per stack, with the machine.
 
 Fusers: "ours" (``--ours``, with the settings of its model card), "official"
-(``--official``, released rule; skipped when the file is absent), and
-"classical": per-pixel argmax of the Gaussian-smoothed squared Laplacian.
+(``--official``, released rule; skipped when the file is absent), and the
+peers of bench/peers.py: "argmax" (per-pixel argmax of the Gaussian-smoothed
+squared Laplacian), "Laplacian pyramid", "GFF" (guided-filter fusion), "DTCWT"
+(needs the dtcwt package) and "StackMFF-V3" (OpenFocus, run as a command
+from its own venv: --openfocus). A peer that is not installed says so in its column.
 """
 import argparse
+import hashlib
+import os
+import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -35,16 +51,23 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from inference import DEFAULT_MODEL, fuse_gray_batch  # noqa: E402
-from make_datasets import synthesis  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from bench import peers  # noqa: E402
+from inference import DEFAULT_MODEL, fuse_images  # noqa: E402
+from make_datasets import lightfield, synthesis  # noqa: E402
 from make_datasets.common import fill_invalid  # noqa: E402
 from make_datasets.make_synthetic import stretch_to_8bit  # noqa: E402
-from model import INDEX_RULES, TEST_VIEWS, load_model, read_inference_settings  # noqa: E402
-from utils import (InputError, ensure_output_dir, natural_sort_key, read_stack, run_cli,  # noqa: E402
+from fusion import INDEX_RULES, TEST_VIEWS, FusionCard  # noqa: E402
+from model import load_model  # noqa: E402
+from utils import (InputError, ensure_output_dir, natural_sort_key, read_image, read_stack, run_cli,  # noqa: E402
                    stack_to_tensor, to_gray_float, write_image)
 
 OFFICIAL = REPO.parent / "shared" / "reference" / "official" / "model.pth"
 REAL_STACKS = REPO.parent / "shared" / "data" / "stacks"
+LIGHT_FIELDS = REPO.parent / "shared" / "data" / "lightfields"
+# OpenFocus lives in a venv of its own (see docs/benchmark.md); never in the project's.
+OPENFOCUS = os.environ.get("OPENFOCUS", str(REPO.parent / "openfocus-venv" / "bin" / "openfocus"))
 
 
 def get_args_parser():
@@ -71,10 +94,22 @@ def get_args_parser():
     gt.add_argument("--num_crops", type=int, default=4, help="crops of the motorcycle per set")
     gt.add_argument("--blur", type=str, nargs="+", default=["released", "physical"],
                     choices=["released", "physical"], help="blur modes")
+    models.add_argument("--no_peers", action="store_true",
+                        help="leave out the classical peers and StackMFF-V3 (the argmax floor stays)")
+    models.add_argument("--openfocus", type=str, default=OPENFOCUS,
+                        help="the openfocus command of a separate venv, for the StackMFF-V3 column "
+                             "(default: $OPENFOCUS, else ../openfocus-venv/bin/openfocus; absent: 'not installed')")
+    lf = parser.add_argument_group("light fields (validation only)")
+    lf.add_argument("--lightfields", type=str, default=str(LIGHT_FIELDS),
+                    help="folder of light-field folders (skipped when absent)")
+    lf.add_argument("--lightfield_slices", type=int, default=10, help="planes of each light field's focus stack")
+    lf.add_argument("--lightfield_cache", type=str, default=os.path.join(tempfile.gettempdir(), "stackmff_lightfields"),
+                    help="where built light-field stacks are kept between runs")
     real = parser.add_argument_group("real stacks")
     real.add_argument("--real_root", type=str, default=str(REAL_STACKS),
                       help="<dataset>/dof_stack/<scene>/ trees (skipped when absent)")
     real.add_argument("--real_max_side", type=int, default=384, help="downscale real slices to this side")
+    real.add_argument("--no_real", action="store_true", help="leave out the real stacks without ground truth")
     real.add_argument("--figures_dir", type=str, default="results/bench_figures",
                       help="side-by-side pictures of the real stacks")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
@@ -101,7 +136,7 @@ def crop_boxes(shape, crop, count):
 
 
 def ground_truth_sets(blurs, slice_counts, crop, num_crops):
-    """{(blur, N): [(slices list of uint8 BGR, all-in-focus gray HxW [0,1], index HxW int64), ...]}."""
+    """{title: [(slices list of uint8 BGR, all-in-focus gray HxW [0,1], index HxW int64), ...]}."""
     image, depth = motorcycle_image_and_depth()
     sets = {}
     for blur in blurs:
@@ -118,56 +153,67 @@ def ground_truth_sets(blurs, slice_counts, crop, num_crops):
                 else:
                     slices, index = synthesis.released_stack(aif, d8, n)
                 cases.append((list(slices), to_gray_float(aif), index))
-            sets[(blur, n)] = cases
+            sets[f"motorcycle {blur} {n}: stereo_motorcycle, {blur} blur, {n} slices, "
+                 f"{num_crops} crops of {crop[1]}x{crop[0]}"] = cases
     return sets
 
 
 # ----------------------------------------------------------------------------- fusers
 
-def classical_fuse(gray: torch.Tensor, sigma: float = 2.0):
-    """Per-pixel argmax of the smoothed Laplacian energy.
+def gray_stack(images) -> np.ndarray:
+    """Slices (uint8/uint16) -> gray (N, H, W) float32 in [0, 1], as the network sees them."""
+    return stack_to_tensor(images)[0].numpy()
 
-    gray (1, N, H, W) in [0, 1] -> (fused HxW float32, index HxW int64).
-    """
-    stack = gray[0].numpy()
-    energy = np.stack([cv2.GaussianBlur(cv2.Laplacian(s, cv2.CV_32F) ** 2, (0, 0), sigma) for s in stack])
-    index = energy.argmax(axis=0)
-    fused = np.take_along_axis(stack, index[None], axis=0)[0]
-    return fused, index.astype(np.int64)
+
+def peer_fuser(fuse):
+    """A bench.peers fuser of gray stacks as a fuser of slices."""
+    return lambda images: fuse(gray_stack(images))
 
 
 def make_fusers(args):
-    """[(name, fn(gray (1,N,H,W)) -> (fused HxW, index HxW))] for every fuser that is available."""
+    """[(name, fn(slices) -> (fused gray HxW, index HxW or None) or None when not installed)]."""
     fusers = []
     networks = [("ours", args.ours), ("official", args.official)]
     for name, path in networks:
         if not Path(path).is_file():
             print(f"{name} skipped: {path} does not exist")
             continue
-        card = read_inference_settings(path)
+        card = FusionCard.beside(path)
         variants = [(card, name)]
         if args.extra_rules:
-            variants += [(card._replace(index_rule=r), f"{name} ({r})") for r in INDEX_RULES if r != card.index_rule]
-        variants += [(card._replace(views=v), f"{name} ({v} view{'s' * (v > 1)})")
+            variants += [(card.with_overrides(index_rule=r), f"{name} ({r})")
+                         for r in INDEX_RULES if r != card.index_rule]
+        variants += [(card.with_overrides(views=v), f"{name} ({v} view{'s' * (v > 1)})")
                      for v in args.extra_views if v != card.views]
-        variants += [(card._replace(fusion_temperature=t), f"{name} ({'pick' if t == 0 else f'soft T={t:g}'})")
+        variants += [(card.with_overrides(fusion_temperature=t),
+                      f"{name} ({'pick' if t == 0 else f'soft T={t:g}'})")
                      for t in args.extra_fusion if t != card.fusion_temperature]
-        variants += [(card._replace(focus_prior=p), f"{name} (focus prior {p:g})")
+        variants += [(card.with_overrides(focus_prior=p), f"{name} (focus prior {p:g})")
                      for p in args.extra_focus_prior if p != card.focus_prior]
-        variants += [(card._replace(depth_window=w), f"{name} (depth window {w:g})")
+        variants += [(card.with_overrides(depth_window=w), f"{name} (depth window {w:g})")
                      for w in args.extra_depth_window if w != card.depth_window]
-        variants += [(card._replace(base_weight_sigma=b),
+        variants += [(card.with_overrides(base_weight_sigma=b),
                       f"{name} ({'one band' if b == 0 else f'base weights {b:g} px'})")
                      for b in args.extra_base_weight_sigma if b != card.base_weight_sigma]
+        model = load_model(path, "cpu")
         for settings, label in variants:
-            fusers.append((label, network_fuser(load_model(path, "cpu", **settings._asdict()))))
-    fusers.append(("classical", classical_fuse))
+            fusers.append((label, network_fuser(model, settings)))
+    if args.no_peers:
+        return fusers + [("argmax", peer_fuser(peers.argmax_laplacian))]
+    fusers += [("argmax", peer_fuser(peers.argmax_laplacian)),
+               ("Laplacian pyramid", peer_fuser(peers.laplacian_pyramid)),
+               ("GFF", peer_fuser(peers.guided_filter_fusion)),
+               ("DTCWT", peer_fuser(peers.dtcwt_fusion) if peers.dtcwt_available() else None)]
+    openfocus = peers.OpenFocus(args.openfocus, threads=args.threads)
+    if not openfocus.available:
+        print(f"StackMFF-V3 not installed: no openfocus command at '{args.openfocus}' (--openfocus, $OPENFOCUS)")
+    fusers.append(("StackMFF-V3", openfocus if openfocus.available else None))
     return fusers
 
 
-def network_fuser(model):
-    def fuse(gray):
-        result = fuse_gray_batch(model, gray)[0]
+def network_fuser(model, card):
+    def fuse(images):
+        result = fuse_images(model, card, images)
         return result.fused_gray, result.index
     return fuse
 
@@ -183,14 +229,13 @@ def print_table(title, header, rows):
         print("| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths)) + " |")
 
 
-def pick_true_index(gray: torch.Tensor, aif: np.ndarray, index: np.ndarray):
+def pick_true_index(stack: np.ndarray, aif: np.ndarray, index: np.ndarray):
     """Reference: every pixel from the slice of its true depth -> (fused, index)."""
-    return np.take_along_axis(gray[0].numpy(), index[None], axis=0)[0], index
+    return np.take_along_axis(stack, index[None], axis=0)[0], index
 
 
-def pick_best_slice(gray: torch.Tensor, aif: np.ndarray, index: np.ndarray):
+def pick_best_slice(stack: np.ndarray, aif: np.ndarray, index: np.ndarray):
     """Reference (an oracle): every pixel from the slice closest to the all-in-focus image."""
-    stack = gray[0].numpy()
     best = np.abs(stack - aif[None]).argmin(axis=0)
     return np.take_along_axis(stack, best[None], axis=0)[0], best
 
@@ -202,29 +247,80 @@ REFERENCES = [("ref: true index", pick_true_index), ("ref: best slice", pick_bes
 
 
 def run_ground_truth(fusers, sets):
+    """One table per set; returns {set title: {fuser: (PSNR dB, s / stack) or None}} for the summary."""
     summary = {}
-    # Every entry takes (gray stack, all-in-focus, true index); the fusers see only the stack.
-    entries = [(name, lambda gray, aif, index, fuse=fuse: fuse(gray)) for name, fuse in fusers] + REFERENCES
-    for (blur, n), cases in sets.items():
-        rows = []
+    # Every entry takes (slices, all-in-focus, true index); the fusers see only the slices.
+    entries = ([(name, fuse and (lambda slices, aif, index, fuse=fuse: fuse(slices))) for name, fuse in fusers]
+               + [(name, lambda slices, aif, index, ref=ref: ref(gray_stack(slices), aif, index))
+                  for name, ref in REFERENCES])
+    for title, cases in sets.items():
+        rows, summary[title] = [], {}
         for name, fuse in entries:
+            if fuse is None:
+                rows.append([name, "not installed", "", "", ""])
+                summary[title][name] = None
+                continue
             ssim, psnr, mae, seconds = [], [], [], 0.0
-            for slices, aif, index in cases:
+            for slices, aif, index in tqdm(cases, desc=name, leave=False, disable=len(cases) < 2):
                 start = time.perf_counter()
-                fused, pred = fuse(stack_to_tensor(slices), aif, index)
+                fused, pred = fuse(slices, aif, index)
                 seconds += time.perf_counter() - start
                 fused = np.clip(fused, 0, 1).astype(np.float64)
                 ssim.append(structural_similarity(aif, fused, data_range=1.0))
                 with np.errstate(divide="ignore"):      # an exact reference is inf dB, not a warning
                     psnr.append(peak_signal_noise_ratio(aif, fused, data_range=1.0))
-                mae.append(np.abs(pred - index).mean())
-            summary[(blur, n, name)] = float(np.mean(psnr))
-            rows.append([name, f"{np.mean(ssim):.4f}", f"{np.mean(psnr):.3f}", f"{np.mean(mae):.3f}",
-                         f"{seconds / len(cases):.2f}"])
-        h, w = cases[0][1].shape
-        print_table(f"stereo_motorcycle, {blur} blur, {n} slices, {len(cases)} crops of {w}x{h}",
-                    ["fuser", "SSIM", "PSNR (dB)", "index MAE (slices)", "s / stack"], rows)
+                mae.append(np.nan if pred is None else np.abs(pred - index).mean())
+            summary[title][name] = (float(np.mean(psnr)), seconds / len(cases))
+            rows.append([name, f"{np.mean(ssim):.4f}", f"{np.mean(psnr):.3f}",
+                         "" if np.isnan(mae).any() else f"{np.mean(mae):.3f}", f"{seconds / len(cases):.2f}"])
+        print_table(title, ["fuser", "SSIM", "PSNR (dB)", "index MAE (slices)", "s / stack"], rows)
     return summary
+
+
+def print_summary(summary, fusers, machine):
+    """The one table: every set a row, every fuser a column, PSNR and seconds per stack."""
+    names = [name for name, _ in fusers]
+    rows = []
+    for title, scores in summary.items():
+        row = [title.split(":")[0]]
+        for name in names:
+            score = scores.get(name)
+            row.append("not installed" if score is None else f"{score[0]:.2f} dB, {score[1]:.2f} s")
+        rows.append(row)
+    print_table(f"summary: PSNR of the fused gray against the all-in-focus gray, seconds per stack ({machine})",
+                ["set"] + names, rows)
+
+
+# ----------------------------------------------------------------------------- light fields
+
+def light_field_sets(root, num_slices, cache):
+    """{title: [(slices, centre view gray [0,1], focus index)]} for every light field under ``root``.
+
+    Stacks are built once by make_datasets/lightfield.py and kept under
+    ``cache`` (in its released layout), keyed by the views' names, sizes and
+    times and the number of planes, so that a rerun reads them back.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        print(f"light-field sets skipped: no folder {root}")
+        return {}
+    sets = {}
+    for folder in lightfield.find_light_fields(root):
+        views = sorted(p for p in folder.iterdir() if p.is_file())
+        key = hashlib.sha256(repr([(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in views]
+                                  + [num_slices]).encode()).hexdigest()[:12]
+        built = Path(cache) / f"{folder.name}-{num_slices}-{key}"
+        if not (built / "dof_stack" / folder.name).is_dir() or not (built / "planes" / f"{folder.name}.txt").is_file():
+            print(f"building the {num_slices}-slice stack of {folder.name} (cached in {built})")
+            result = lightfield.light_field_stack(folder, num_slices, progress=tqdm)
+            lightfield.write_light_field_stack(built, folder.name, result)
+        slices, _ = read_stack(built / "dof_stack" / folder.name)
+        centre = read_image(built / "AiF" / f"{folder.name}.png")
+        index = np.rint(read_image(built / "quantized_depth" / f"{folder.name}.png") * ((num_slices - 1) / 255.0))
+        h, w = centre.shape[:2]
+        title = f"light field {folder.name}: {num_slices} planes, {w}x{h}, centre view as ground truth"
+        sets[title] = [(slices, to_gray_float(centre), index.astype(np.int64))]
+    return sets
 
 
 # ----------------------------------------------------------------------------- real stacks
@@ -264,7 +360,7 @@ def run_real(fusers, args):
         return
     figures = ensure_output_dir(args.figures_dir)
     rows = []
-    order = {"official": 1, "ours": 2, "classical": 3}
+    order = {"official": 1, "ours": 2, "argmax": 3}
     for scene in scenes:
         try:
             images, _ = read_stack(scene)
@@ -272,11 +368,13 @@ def run_real(fusers, args):
             print(f"skipping {scene}: {exc}")
             continue
         images = downscale(images, args.real_max_side)
-        gray = stack_to_tensor(images)
-        tiles = {0: labelled(gray[0, len(images) // 2].numpy(), "input (middle slice)")}
+        tiles = {0: labelled(to_gray_float(images[len(images) // 2]), "input (middle slice)")}
         row = [f"{scene.parents[1].name}/{scene.name}", str(len(images))]
         for name, fuse in fusers:
-            fused, _ = fuse(gray)
+            if fuse is None:
+                row.append("not installed")
+                continue
+            fused, _ = fuse(images)
             grad, lap = sharpness(fused)
             row.append(f"{grad:.2f} / {lap:.0f}")
             if name in order:
@@ -289,13 +387,27 @@ def run_real(fusers, args):
                 ["scene", "N"] + [name for name, _ in fusers], rows)
 
 
+def machine_name():
+    """CPU model and thread count, for the summary's title."""
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or platform.machine()
+    return f"{model}, {torch.get_num_threads()} torch thread(s)"
+
+
 def main(args):
+    if args.lightfield_slices < 2:
+        raise InputError(f"--lightfield_slices must be at least 2, got {args.lightfield_slices}")
     torch.set_num_threads(args.threads)
     fusers = make_fusers(args)
     print("fusers: " + ", ".join(name for name, _ in fusers))
     sets = ground_truth_sets(args.blur, args.slices, tuple(args.crop), args.num_crops)
+    sets.update(light_field_sets(args.lightfields, args.lightfield_slices, args.lightfield_cache))
     summary = run_ground_truth(fusers, sets)
-    run_real(fusers, args)
+    if not args.no_real:
+        run_real(fusers, args)
+    print_summary(summary, fusers, machine_name())
     return summary
 
 
