@@ -9,7 +9,7 @@ from conftest import DATA, requires
 from make_datasets import lightfield
 from make_datasets.lightfield import (CENTRE, GRID, disparity_range, focus_index_of, get_args_parser,
                                       light_field_stack, refocus, shifted, view_position)
-from utils import InputError, read_image, read_stack
+from utils import InputError, read_image, read_stack, to_gray_float
 
 SHARED_DINO = DATA / "lightfields" / "hci_dino"
 # HCI's 33-view star: centre row, centre column and both diagonals of the 9 x 9 grid.
@@ -149,3 +149,24 @@ def test_end_to_end_on_a_crop_of_the_shared_dino(tmp_path):
     picked = np.take_along_axis(stack, index[None, ..., None], axis=0)[0]
     errors = [np.abs(inner(s) - inner(aif)).mean() for s in stack]
     assert np.abs(inner(picked) - inner(aif)).mean() < 0.8 * min(errors)
+
+
+def test_benchmark_builds_light_field_stacks_once(tmp_path):
+    from bench.benchmark_fusion import light_field_sets
+    views = two_plane_views((64, 96), near=-1.0, far=0.8)
+    write_views(tmp_path / "fields" / "planes", views)
+    cache = tmp_path / "cache"
+    sets = light_field_sets(tmp_path / "fields", 4, cache)
+    (title, [(slices, centre, index)]), = sets.items()
+    assert "planes" in title and len(slices) == 4
+    np.testing.assert_array_equal(centre, to_gray_float(views[CENTRE]))
+    expected = light_field_stack(tmp_path / "fields" / "planes", 4)
+    np.testing.assert_array_equal(index, expected.focus_index)
+    for got, made in zip(slices, expected.slices):
+        np.testing.assert_array_equal(got, made)
+    built = sorted(cache.rglob("*.png"))
+    stamps = [p.stat().st_mtime_ns for p in built]
+    light_field_sets(tmp_path / "fields", 4, cache)                    # read back, not rebuilt
+    assert sorted(cache.rglob("*.png")) == built and [p.stat().st_mtime_ns for p in built] == stamps
+    light_field_sets(tmp_path / "fields", 5, cache)                    # another N: its own stack
+    assert len(list(cache.iterdir())) == 2
