@@ -31,12 +31,11 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from make_datasets import synthesis  # noqa: E402
-from make_datasets.common import find_files, normalize_depth, require_dir, write_stack  # noqa: E402
+from make_datasets.common import find_files, normalize_depth, require_dir, run_batch, write_stack  # noqa: E402
 from make_datasets.make_synthetic import (add_scene_flags, check_scene_flags, index_to_depth_map,  # noqa: E402
                                           random_box, random_depth, segment_depth, stretch_to_8bit,
                                           texture_energy)
@@ -253,14 +252,18 @@ def main(args):
     root = ensure_output_dir(args.output_dir)
     ensure_output_dir(root / "depth_maps")
     ensure_output_dir(root / "all_in_focus")
-    for scene in tqdm(range(args.first, args.first + args.num_stacks), desc="stacks"):
-        slices, depth_map, sharp = make_scene(args.seed, scene, photos, rgbd, args.size,
-                                              (args.min_slices, args.max_slices), args.blur, args.rgbd_share,
-                                              (args.min_radius, args.max_radius))
+    slice_range, radius_range = (args.min_slices, args.max_slices), (args.min_radius, args.max_radius)
+
+    def process(scene):
+        slices, depth_map, sharp = make_scene(args.seed, scene, photos, rgbd, args.size, slice_range, args.blur,
+                                              args.rgbd_share, radius_range)
         name = f"{args.prefix}_{scene:06d}"
-        write_stack(root / "image_stacks" / name, slices, "png")
+        # The stack folder last: training lists stacks, so a stopped run leaves no stack without its maps.
         write_image(root / "depth_maps" / f"{name}.png", depth_map)
         write_image(root / "all_in_focus" / f"{name}.png", sharp)
+        write_stack(root / "image_stacks" / name, slices, "png")
+
+    run_batch(range(args.first, args.first + args.num_stacks), process, "stacks", name_of=lambda i: f"scene {i}")
     print(f"wrote {args.num_stacks} stacks from {len(photos)} photographs and {len(rgbd)} RGB-D pairs to {root}")
 
 

@@ -202,3 +202,15 @@ class TestGenerator:
         with pytest.raises(InputError, match="photograph folder"):
             mr.main(args)
         assert not (tmp_path / "o").exists()
+
+    def test_an_unreadable_photo_fails_its_scenes_only(self, sources, tmp_path):
+        (sources / "photos" / "B" / "B1.png").write_bytes(b"not a png")
+        out = tmp_path / "out"
+        args = mr.get_args_parser().parse_args(
+            ["--output_dir", str(out), "--images_dir", str(sources / "photos"), "--rgbd_dir", str(sources / "rgbd"),
+             "--num_stacks", "6", "--size", "48", "--min_slices", "6", "--max_slices", "6", "--rgbd_share", "0.5"])
+        with pytest.raises(InputError, match="of 6 item"):
+            mr.main(args)
+        written = sorted(p.name for p in (out / "image_stacks").iterdir())
+        assert 0 < len(written) < 6                       # the good scenes are there, the bad ones not
+        assert all((out / "depth_maps" / f"{name}.png").exists() for name in written)
