@@ -96,6 +96,7 @@ class Scene:
     name: str
     load: Optional[Callable] = None
     error: Optional[str] = None
+    metadata: Optional[Callable] = None    # () -> utils.ImageMetadata of the reference slice
 
 
 @dataclass
@@ -103,6 +104,7 @@ class LoadedScene:
     name: str
     images: Optional[list] = None
     error: Optional[str] = None
+    metadata: Optional[object] = None      # utils.ImageMetadata for the colour fused image
 
     @property
     def key(self):
@@ -135,9 +137,10 @@ class SceneReader(Dataset):
                 images = align_stack(images, method=self.align)
             if self.match_exposure:
                 images = match_exposure(images)[0]
+            metadata = scene.metadata() if scene.metadata else None
         except Exception as exc:  # one bad scene must not stop the run
             return LoadedScene(scene.name, error=_describe(exc))
-        return LoadedScene(scene.name, images=images)
+        return LoadedScene(scene.name, images=images, metadata=metadata)
 
 
 def _keep_as_is(item):
@@ -270,7 +273,8 @@ def _fuse_and_write(model, card, device, batch: List[LoadedScene], dataset_dir: 
     for scene, result in zip(batch, results):
         try:
             write_outputs(render_outputs(result, scene.images, reverse),
-                          scene_output_paths(dataset_dir, scene.name, fused_format[0]), **fused_format[1])
+                          scene_output_paths(dataset_dir, scene.name, fused_format[0]), scene.metadata,
+                          **fused_format[1])
         except Exception as exc:
             report.failed[scene.name] = f"cannot write outputs: {_describe(exc)}"
             continue

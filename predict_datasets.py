@@ -19,7 +19,7 @@ from functools import partial
 from pathlib import Path
 
 from batch_inference import Scene, add_common_args, run_batch_inference
-from utils import InputError, natural_sort_key, read_stack, run_cli
+from utils import InputError, natural_sort_key, read_stack, read_stack_metadata, run_cli
 
 STACK_FOLDER = "dof_stack"
 
@@ -43,7 +43,8 @@ def find_stack_scenes(dataset_dir: Path, every: int = 1):
                      key=natural_sort_key)
     if not folders:
         raise InputError(f"'{stacks}' holds no scene folders")
-    return [Scene(folder.name, load=partial(read_stack, folder, every=every)) for folder in folders]
+    return [Scene(folder.name, load=partial(read_stack, folder, every=every),
+                  metadata=partial(read_stack_metadata, folder)) for folder in folders]
 
 
 def main(args):

@@ -17,7 +17,7 @@ from functools import partial
 from pathlib import Path
 
 from batch_inference import Scene, add_common_args, run_batch_inference
-from utils import InputError, check_stack, list_images, read_image, run_cli
+from utils import InputError, check_stack, list_images, read_image, read_metadata, run_cli
 
 SIDES = ("A", "B")
 
@@ -70,7 +70,7 @@ def find_pair_scenes(dataset_dir: Path):
             scenes.append(Scene(files[0], error=f"number {label} is ambiguous: {', '.join(files)}"))
         else:
             a, b = a_side[number][0], b_side[number][0]
-            scenes.append(Scene(a.stem, load=partial(read_pair, a, b)))
+            scenes.append(Scene(a.stem, load=partial(read_pair, a, b), metadata=partial(read_metadata, a)))
     return scenes
 
 

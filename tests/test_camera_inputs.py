@@ -357,3 +357,24 @@ class TestCommandLine:
                             "--model_path", random_weights, *extra)
         assert code == 2 and err.count("\n") == 1 and words in err and "Traceback" not in err
         assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_batch_outputs_carry_metadata_in_the_chosen_format(tmp_path, random_weights):
+    """predict_datasets.py: each scene's colour fused image takes its first slice's EXIF, written as TIFF."""
+    import predict_datasets
+    for scene, model in (("a", "Body A"), ("b", "Body B")):
+        folder = tmp_path / "data" / "set" / "dof_stack" / scene
+        folder.mkdir(parents=True)
+        exif = camera_exif(orientation=1)                 # 6 would turn slice 1 on its side
+        exif[272] = model
+        for k, image in enumerate(textured_stack(3, 32, 40, seed=len(model)), start=1):
+            Image.fromarray(image[:, :, ::-1]).save(folder / f"{k}.jpg", exif=exif if k == 1 else Image.Exif())
+    args = predict_datasets.get_args_parser().parse_args([
+        "--test_root", str(tmp_path / "data"), "--test_datasets", "set", "--output_dir", str(tmp_path / "out"),
+        "--run_name", "r", "--model_path", str(random_weights), "--device", "cpu", "--num_workers", "0",
+        "--output_format", "tiff", "--match_exposure"])
+    assert predict_datasets.main(args).exit_status == 0
+    for scene, model in (("a", "Body A"), ("b", "Body B")):
+        out = tmp_path / "out" / "r" / "set"
+        assert parsed(read_metadata(out / "color_fused_images" / f"{scene}.tif").exif)[0][272] == model
+        assert (out / "fused_images" / f"{scene}.tif").is_file() and (out / "depth_maps" / f"{scene}.png").is_file()
