@@ -14,6 +14,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from fast_inference import PRECISIONS, fast_focus_logits
@@ -96,9 +97,10 @@ def fuse_gray_batch(model, card: FusionCard, gray, device=None, max_memory=None,
 
     gray (B, N, H, W) float in [0, 1], any H and W (or, with ``max_memory``,
     uint8/uint16 numpy gray slices, kept in their integer type). Returns B
-    FusionResults: the network runs at the next multiple of 32, then fused
-    and depth are resized back bilinearly and the index with nearest
-    neighbour (as released).
+    FusionResults: the network runs at the next multiple of 32; a pick by
+    index (temperature 0) is decoded there and fused and depth are resized
+    back bilinearly, the index with nearest neighbour (as released); a
+    blend is decoded at the input size from the logits resized back.
 
     fast: the fast path of fast_inference.py (same numbers); False runs the
     straightforward ``model.focus_logits``. max_memory (GiB): tiled inference
@@ -117,9 +119,15 @@ def fuse_gray_batch(model, card: FusionCard, gray, device=None, max_memory=None,
         fused, depth, index = (torch.cat(parts) for parts in list(zip(*tiled))[:3])
         weights = None if tiled[0].weights is None else torch.cat([t.weights for t in tiled])
     else:
-        x = resize_to_multiple(torch.as_tensor(gray).float()).to(device)
+        stack = torch.as_tensor(gray).float()
+        x = resize_to_multiple(stack).to(device)
         with torch.inference_mode():
-            fused, depth, index, weights = fuse(x, focus_logits(model, card, x, precision, fast), card)
+            logits = focus_logits(model, card, x, precision, fast)
+            if card.fusion_temperature and x.shape[-2:] != (h, w):
+                # A blend is decoded at the input size: resampling the fused image back would soften it.
+                logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
+                x = stack.to(device)
+            fused, depth, index, weights = fuse(x, logits, card)
     fused = fused[:, 0].float().cpu().numpy()
     depth = depth[:, 0].float().cpu().numpy()
     index = index.cpu().numpy().astype(np.int32)
