@@ -19,9 +19,10 @@ from tqdm import tqdm
 
 from fast_inference import PRECISIONS, fast_focus_logits
 from fusion import FusionCard, add_card_arguments, card_from_args, fuse, fuse_colour, view_logits
+from memory import GIB, available_bytes
 from model import load_model
 from tiling import tiled_fuse
-from utils import (depth_colormap, dtype_max, index_picture, resize_back, resize_to_multiple,
+from utils import (depth_colormap, dtype_max, index_picture, next_multiple, resize_back, resize_to_multiple,
                    encoder_params, stack_to_tensor, to_gray, to_uint8, write_image, write_npy)
 
 # The weights every predict script uses unless --model_path says otherwise:
@@ -112,6 +113,8 @@ def fuse_gray_batch(model, card: FusionCard, gray, device=None, max_memory=None,
     """
     device = device or next(model.parameters()).device
     b, n, h, w = gray.shape
+    if not max_memory and device.type == "cpu":
+        max_memory = memory_guard(b * n * next_multiple(h) * next_multiple(w))
     if max_memory:
         tiled = [tiled_fuse(model, card, stack, max_memory=max_memory, precision=precision, progress=tqdm,
                             reserved_bytes=reserved_bytes)
@@ -142,6 +145,25 @@ def fuse_gray_batch(model, card: FusionCard, gray, device=None, max_memory=None,
             weights=None if weights is None else weights_at_size(weights[k], (h, w)),
         ))
     return results
+
+
+# Peak memory of a whole-image CPU fusion beyond what the process already holds, per slice
+# pixel at the network's size: about 80 bytes on the fast path (docs/performance.md's
+# table, 8 x 1 MP to 16 x 4 MP), plus room for the blend's weights and views.
+WHOLE_IMAGE_BYTES_PER_SAMPLE = 120
+
+
+def memory_guard(samples: int, available=None):
+    """None when a whole-image fusion of ``samples`` slice pixels fits in the available memory
+    (``memory.available_bytes()`` unless given); else a ``--max_memory`` (GiB) that does, said in one line."""
+    available = available_bytes() if available is None else available
+    needed = samples * WHOLE_IMAGE_BYTES_PER_SAMPLE
+    if available is None or needed <= 0.9 * available:
+        return None
+    bound = 0.8 * available / GIB
+    tqdm.write(f"memory: the whole image needs about {needed / GIB:.1f} GiB, {available / GIB:.1f} GiB is "
+               f"available: fusing tile by tile (as --max_memory {bound:.1f})")
+    return bound
 
 
 def weights_at_size(weights: torch.Tensor, size) -> np.ndarray:

@@ -54,3 +54,15 @@ def then_return_freed_memory(job):
     result = job()
     return_freed_memory()
     return result
+
+
+def available_bytes():
+    """Memory the kernel can give this process now (Linux MemAvailable), None where unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None

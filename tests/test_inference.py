@@ -29,3 +29,29 @@ def test_blend_is_decoded_with_the_weights_it_reports(random_model):
     gray = np.stack([to_gray_float(s) for s in slices])
     assert result.weights.shape == gray.shape
     np.testing.assert_allclose(result.fused_gray, (result.weights * gray).sum(axis=0), atol=1e-5)
+
+
+def test_memory_guard_says_nothing_when_the_image_fits():
+    from inference import WHOLE_IMAGE_BYTES_PER_SAMPLE, memory_guard
+    assert memory_guard(1000, available=1000 * WHOLE_IMAGE_BYTES_PER_SAMPLE * 2) is None
+
+
+def test_memory_guard_tiles_a_stack_too_big_for_a_fake_budget(random_model, monkeypatch, capsys):
+    import inference
+    slices = textured_stack(num_slices=3, height=64, width=64)
+    whole = fuse_images(random_model, BLEND, slices)
+    budget = 1024 ** 3                   # a fake 1 GiB machine, and a per-pixel cost that overflows it
+    monkeypatch.setattr(inference, "WHOLE_IMAGE_BYTES_PER_SAMPLE", budget // (3 * 64 * 64))
+    calls = []
+    real_tiled = inference.tiled_fuse
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs["max_memory"])
+        return real_tiled(*args, **kwargs)
+    monkeypatch.setattr(inference, "available_bytes", lambda: budget)
+    monkeypatch.setattr(inference, "tiled_fuse", spy)
+    tiled = fuse_images(random_model, BLEND, slices)
+    line = capsys.readouterr().out.strip()
+    assert calls == [0.8]
+    assert line.startswith("memory:") and "tile by tile" in line and "\n" not in line
+    assert np.mean(tiled.index == whole.index) >= 0.99
