@@ -142,15 +142,16 @@ def card_path(checkpoint) -> str:
 
 def argument_type(name: str):
     """An argparse type for card setting ``name``: its value, or one usage error saying what is wrong."""
-    kind = next(f.type for f in fields(FusionCard) if f.name == name)
+    spec = next(f for f in fields(FusionCard) if f.name == name)
+    wanted = f"one of {spec.metadata['choices']}" if "choices" in spec.metadata else "a number >= 0"
 
     def parse(text):
         try:
-            value = kind(text)
-            replace(FusionCard(fusion_temperature=1.0), **{name: value})   # the card's own checks
-        except ValueError as exc:
-            message = str(exc) if name in str(exc) else f"{name} must be a number >= 0, got {text!r}"
-            raise argparse.ArgumentTypeError(message) from None
+            value = spec.type(text)
+            if "choices" not in spec.metadata:        # argparse checks the choices itself
+                replace(FusionCard(fusion_temperature=1.0), **{name: value})   # the card's own checks
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be {wanted}, got {text!r}") from None
         return value
     return parse
 

@@ -216,12 +216,17 @@ def plan_tiles(size, num_slices, max_memory, fixed_bytes=0, feature_halo=0, gru_
 def plan_stats_tile(size, max_memory, fixed_bytes=0, halo=0, chunk=2):
     """Tile side of the statistics passes: the feature extractor of one chunk of
     slices only (about 100 floats per crop pixel and slice), so these tiles are
-    much larger."""
+    much larger. The whole image when it fits in one crop (no halo beyond the borders):
+    its statistics are then exact, where those of several tiles drift (coffee example,
+    8 x 480 x 320 at --max_memory 1: 98.3% index agreement with 2 x 2 statistics tiles)."""
+    whole = next_multiple(max(size))
     if not max_memory:
-        return next_multiple(max(size))
+        return whole
     budget = max_memory * GIB - fixed_bytes - _FIXED_BYTES
+    if size[0] * size[1] * 400 * chunk <= budget:
+        return whole
     side = math.isqrt(max(0, int(budget // (400 * chunk)))) - 2 * halo
-    return max(SIZE_MULTIPLE, min(side // SIZE_MULTIPLE * SIZE_MULTIPLE, next_multiple(max(size))))
+    return max(SIZE_MULTIPLE, min(side // SIZE_MULTIPLE * SIZE_MULTIPLE, whole))
 
 
 # ----------------------------------------------------------------------------- views of boxes

@@ -499,7 +499,9 @@ class TestShippedWeights:
         stack = tmp_path / "stack"
         stack.mkdir()
         rng = np.random.default_rng(2)
-        base = cv2.GaussianBlur(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8), (0, 0), 1)
+        # 64 x 64, the network's own size: a blend of another size is decoded from resized logits,
+        # whose argmax may differ from the resized index of the pick.
+        base = cv2.GaussianBlur(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8), (0, 0), 1)
         for k, sigma in enumerate((0.1, 2.0, 4.0), start=1):
             cv2.imwrite(str(stack / f"{k}.png"), cv2.GaussianBlur(base, (0, 0), sigma) if sigma > 0.5 else base)
         outputs = {}
