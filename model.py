@@ -10,8 +10,9 @@ The network has three stages, as in the paper:
    expected slice number, per-stack min-max to [0, 1].
 The fused image takes, at every pixel, the slice at the rounded depth.
 
-The file reads top-down: blocks, the three stages, the fused image, the
-whole network, the loader. ``load_model`` is the only way scripts and tests
+The file reads top-down: the three stages (their blocks are in
+network_blocks.py), the fused image, the whole network and its released
+initialisation, the loader. ``load_model`` is the only way scripts and tests
 build a network from a file; decoding beyond the released one is fusion.py's.
 """
 import os
