@@ -116,6 +116,9 @@ def fuse_gray_batch(model, card: FusionCard, gray, device=None, max_memory=None,
     if not max_memory and device.type == "cpu":
         max_memory = memory_guard(b * n * next_multiple(h) * next_multiple(w))
     if max_memory:
+        if card.fusion_temperature and (next_multiple(h), next_multiple(w)) != (h, w):
+            tqdm.write(f"tiled: the blend is decoded at {next_multiple(w)}x{next_multiple(h)} (the network's size) "
+                       f"and resized back, not at the input's {w}x{h} as the whole image is")
         tiled = [tiled_fuse(model, card, stack, max_memory=max_memory, precision=precision, progress=tqdm,
                             reserved_bytes=reserved_bytes)
                  for stack in gray]
