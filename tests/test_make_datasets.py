@@ -11,8 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from conftest import REPO as ROOT  # noqa: E402
 
 from make_datasets import (make_dataset, prepare_ade20k, prepare_cityscapes, prepare_diode,  # noqa: E402
                            prepare_duts, prepare_nyu)

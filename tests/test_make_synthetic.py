@@ -1,13 +1,11 @@
 """The procedural synthetic source: layout, determinism, slice counts, depth convention."""
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from conftest import REPO  # noqa: E402
 
 from make_datasets import make_synthetic as ms  # noqa: E402
 from utils import read_image, read_stack  # noqa: E402

@@ -13,7 +13,6 @@ import os
 import subprocess
 import sys
 import warnings
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -26,7 +25,7 @@ from Registration import (RegistrationWarning, align_stack, estimate_transforms,
                           sift_features, total_zoom, warp_frame)
 from utils import InputError, read_image, to_gray_float, write_image
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO  # noqa: E402
 OFFICIAL_MODEL = REPO.parent / "shared" / "reference" / "official" / "model.pth"
 SIZE = 256           # frame side
 PHOTO_SIZE = 320     # the photo the frames are cut from (room for zoom and shake)

@@ -20,7 +20,7 @@ from network_blocks import ConvGRUCell
 from synthetic_stacks import make_dataset
 from utils import InputError
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO  # noqa: E402
 
 
 @pytest.fixture(scope="module")
