@@ -106,8 +106,9 @@ def fuse_gray_batch(model, card: FusionCard, gray, device=None, max_memory=None,
     fast: the fast path of fast_inference.py (same numbers); False runs the
     straightforward ``model.focus_logits``. max_memory (GiB): tiled inference
     (tiling.py) whose memory does not grow with the image (see
-    docs/performance.md for the small drift from whole-image results);
-    reserved_bytes: what the caller holds meanwhile (the colour slices),
+    docs/performance.md for the small drift from whole-image results;
+    without it a CPU run is tiled when ``memory_guard`` finds the whole image
+    too big for the free memory); reserved_bytes: what the caller holds meanwhile (the colour slices),
     counted against max_memory. precision: 'fp32', or 'fp16' / 'bf16' for
     the GRU convolutions (meant for GPUs).
     """
