@@ -114,11 +114,12 @@ def fuse_gray_batch(model, card: FusionCard, gray, device=None, max_memory=None,
     """
     device = device or next(model.parameters()).device
     b, n, h, w = gray.shape
+    net_h, net_w = next_multiple(h), next_multiple(w)                 # the network's size
     if not max_memory and device.type == "cpu":
-        max_memory = memory_guard(b * n * next_multiple(h) * next_multiple(w))
+        max_memory = memory_guard(b * n * net_h * net_w)
     if max_memory:
-        if card.fusion_temperature and (next_multiple(h), next_multiple(w)) != (h, w):
-            tqdm.write(f"tiled: the blend is decoded at {next_multiple(w)}x{next_multiple(h)} (the network's size) "
+        if card.fusion_temperature and (net_h, net_w) != (h, w):
+            tqdm.write(f"tiled: the blend is decoded at {net_w}x{net_h} (the network's size) "
                        f"and resized back, not at the input's {w}x{h} as the whole image is")
         tiled = [tiled_fuse(model, card, stack, max_memory=max_memory, precision=precision, progress=tqdm,
                             reserved_bytes=reserved_bytes)
@@ -130,7 +131,7 @@ def fuse_gray_batch(model, card: FusionCard, gray, device=None, max_memory=None,
         x = resize_to_multiple(stack).to(device)
         with torch.inference_mode():
             logits = focus_logits(model, card, x, precision, fast)
-            if card.fusion_temperature and x.shape[-2:] != (h, w):
+            if card.fusion_temperature and (net_h, net_w) != (h, w):
                 # A blend is decoded at the input size: resampling the fused image back would soften it.
                 logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
                 x = stack.to(device)
