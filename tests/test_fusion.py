@@ -347,16 +347,30 @@ def bands(base_sigma, base_weight_sigma):
 
 class TestBlends:
     @pytest.mark.parametrize("sigma, size", [(0.5, (17, 23)), (0.7, (9, 31)), (2.0, (40, 33)), (2.0, (3, 2))])
-    def test_gaussian_blur_is_opencvs_with_replicated_borders(self, sigma, size):
+    @pytest.mark.parametrize("autograd", [False, True])
+    def test_gaussian_blur_is_opencvs_with_replicated_borders(self, sigma, size, autograd):
         # The same Gaussian (radius 4 sigma, at least 1) and border rule as OpenCV, also on images
-        # smaller than the kernel, for every plane of a (B, C, H, W) batch.
+        # smaller than the kernel, for every plane of a (B, C, H, W) batch; with autograd (training)
+        # the torch sum of shifted copies runs, without it OpenCV's filter: both must agree.
         planes = np.random.default_rng(3).random((2, 3, *size), dtype=np.float32)
         radius = max(1, round(4 * sigma))
         expected = np.stack([[cv2.GaussianBlur(p, (2 * radius + 1, 2 * radius + 1), sigma, sigmaY=sigma,
                                                borderType=cv2.BORDER_REPLICATE) for p in batch] for batch in planes])
-        blurred = gaussian_blur(torch.from_numpy(planes), sigma)
+        x = torch.from_numpy(planes).requires_grad_(autograd)
+        blurred = gaussian_blur(x, sigma)
         assert blurred.dtype == torch.float32 and blurred.shape == (2, 3, *size)
-        np.testing.assert_allclose(blurred.numpy(), expected, atol=2e-6, rtol=0)
+        assert blurred.requires_grad == autograd
+        np.testing.assert_allclose(blurred.detach().numpy(), expected, atol=2e-6, rtol=0)
+        if autograd:
+            blurred.sum().backward()                 # the training loss needs the blur's gradient
+            assert x.grad is not None and float(x.grad.sum()) == pytest.approx(x.numel(), rel=1e-5)
+
+    def test_gaussian_blur_of_a_non_contiguous_view(self):
+        x = torch.rand(1, 4, 20, 30).transpose(-1, -2)             # (1, 4, 30, 20), strided
+        with torch.no_grad():
+            fast = gaussian_blur(x, 1.0)
+        reference = gaussian_blur(x.clone().requires_grad_(True), 1.0).detach()
+        torch.testing.assert_close(fast, reference, atol=2e-6, rtol=0)
 
     def test_the_base_takes_the_smoothed_weights_and_the_detail_the_sharp_ones(self):
         texture, stack, weights, offsets = seam_scene()
