@@ -7,6 +7,8 @@ the JSON file beside a checkpoint (no file: the released decoding):
 * ``views``: the logits are averaged over mirrored/transposed passes
   (``view_logits``);
 * ``index_rule``: how the slice index (and depth map) is read;
+* ``depth_rule``: the depth output as the index rule gives it (released), or
+  that index smoothed by the fused image into a continuous map (``refined_depth``);
 * ``fusion_temperature`` 0 takes each pixel from the indexed slice
   (released); above 0 the slices are blended with softmax weights, refined
   by ``depth_window`` and ``focus_prior``, in one band or in two
@@ -36,6 +38,13 @@ from utils import InputError, dtype_max, write_text
 # - "argmax": the slice of highest focus logit at every pixel; its depth output
 #   is index / (N - 1), so depth map and fused image agree.
 INDEX_RULES = ("minmax_round", "argmax")
+
+# How the depth output is read:
+# - "index" (released): the index rule's depth above;
+# - "guided": the index smoothed by a guided filter (guide: the fused gray image) whose fit trusts
+#   each pixel by how sure the decoding is there (``refined_depth``): continuous, sub-slice at depth
+#   edges and slopes, and flat regions take their depth from the texture around them, so no speckle.
+DEPTH_RULES = ("index", "guided")
 
 # Test-time views: the focus logits of the stack as given (1), also mirrored
 # left-right (2), also up-down and both (4), and the same four transposed (8),
@@ -72,10 +81,16 @@ class FusionCard:
         "s > 0 blends in two bands: each slice's base (Gaussian blur of sigma s px) takes the blend weights "
         "smoothed by --base_weight_sigma, its detail the weights as they are, so seams at depth edges fade")
     base_weight_sigma: float = _number("px: the Gaussian that smooths the weights of the base band; 0: one band")
+    depth_rule: str = field(default="index", metadata={
+        "help": "the depth output: 'index' as the index rule reads it (released), 'guided' that index smoothed "
+                "by the fused image where the decoding is unsure (continuous, no speckle in flat regions); "
+                "the index output stays the index", "choices": DEPTH_RULES})
 
     def __post_init__(self):
         if self.index_rule not in INDEX_RULES:
             raise ValueError(f"index_rule must be one of {INDEX_RULES}, got {self.index_rule!r}")
+        if self.depth_rule not in DEPTH_RULES:
+            raise ValueError(f"depth_rule must be one of {DEPTH_RULES}, got {self.depth_rule!r}")
         if isinstance(self.views, bool) or self.views not in TEST_VIEWS:
             raise ValueError(f"views must be one of {TEST_VIEWS}, got {self.views!r}")
         object.__setattr__(self, "views", int(self.views))
@@ -345,6 +360,72 @@ def blended_image(stack: torch.Tensor, logits: torch.Tensor, card: FusionCard):
     return blend(stack, weights, card), weights
 
 
+# ----------------------------------------------------------------------------- refined depth
+
+def box_mean(x: torch.Tensor, radius: int) -> torch.Tensor:
+    """Mean over the (2r+1) x (2r+1) square around every pixel: x (B, C, H, W) -> float32, same shape.
+
+    Edge pixels are repeated at the border, as ``gaussian_blur`` does; radius 0 returns x as float32."""
+    x = x.float()
+    if not radius:
+        return x
+    side = 2 * radius + 1
+    x = F.avg_pool2d(F.pad(x, (radius, radius, 0, 0), mode="replicate"), (1, side), stride=1)
+    return F.avg_pool2d(F.pad(x, (0, 0, radius, radius), mode="replicate"), (side, 1), stride=1)
+
+
+def guided_filter(guide: torch.Tensor, source: torch.Tensor, radius: int, eps: float,
+                  confidence: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Edge-aware smoothing of ``source`` by ``guide`` (He et al.'s guided filter), (B, 1, H, W) each.
+
+    In every (2r+1)^2 window the source is fitted as a * guide + b by least
+    squares (eps damps a where the guide is flat, so there the window's mean
+    wins); each pixel takes the mean of the fits of the windows holding it.
+    ``confidence`` (>= 0, same shape) weights the fit's pixels, so an
+    untrusted region up to 2r px across takes its value from the trusted
+    pixels around it (a wider one, its own mean).
+    Reaches 2r pixels (``guided_filter_reach``)."""
+    weight = torch.ones_like(source) if confidence is None else confidence.float() + 1e-6
+
+    def mean(x):     # the confidence-weighted window mean
+        return box_mean(weight * x, radius) / total
+
+    total = box_mean(weight, radius)
+    guide, source = guide.float(), source.float()
+    mean_guide, mean_source = mean(guide), mean(source)
+    slope = (mean(guide * source) - mean_guide * mean_source) / (mean(guide * guide) - mean_guide ** 2 + eps)
+    offset = mean_source - slope * mean_guide
+    return box_mean(slope, radius) * guide + box_mean(offset, radius)
+
+
+def guided_filter_reach(radius: int) -> int:
+    """Pixels around a pixel that ``guided_filter`` of ``radius`` reads: two window means."""
+    return 2 * radius
+
+
+# The "guided" depth rule's settings, chosen by rule E on the light fields and real stacks
+# (docs/notes/depth-maps.md): window radius (px), the fit's damping where the guide is flat
+# ([0, 1] gray levels squared) and the power that turns the decoding's peak weight into trust.
+DEPTH_RADIUS = 4
+DEPTH_EPS = 0.1
+DEPTH_CONFIDENCE_POWER = 16
+
+
+def depth_confidence(logits: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Tensor:
+    """How sure the decoding is at every pixel, (B, 1, H, W) in (0, 1]: the largest blend weight to
+    DEPTH_CONFIDENCE_POWER (a pick by index: that of softmax(logits)), so only clear peaks count."""
+    weights = torch.softmax(logits.float(), dim=1) if weights is None else weights
+    return weights.amax(dim=1, keepdim=True) ** DEPTH_CONFIDENCE_POWER
+
+
+def refined_depth(guide: torch.Tensor, index: torch.Tensor, confidence: torch.Tensor, num_slices: int) -> torch.Tensor:
+    """The "guided" depth rule: the index (B, H, W) of ``num_slices`` slices smoothed by
+    ``guided_filter`` with the fused gray image (B, 1, H, W) as guide and ``depth_confidence`` as
+    trust -> depth (B, 1, H, W) in [0, 1]. Reaches ``guided_filter_reach(DEPTH_RADIUS)`` px."""
+    slices = guided_filter(guide, index[:, None].float(), DEPTH_RADIUS, DEPTH_EPS, confidence)
+    return (slices / max(num_slices - 1, 1)).clamp(0, 1)
+
+
 class Fused(NamedTuple):
     """One decoding: fused (B, 1, H, W) float32, depth (B, 1, H, W) in [0, 1], index (B, H, W)
     int64 in [0, N-1], weights (B, N, H, W) of the blend or None for a pick by index."""
@@ -357,9 +438,12 @@ class Fused(NamedTuple):
 def fuse(stack: torch.Tensor, logits: torch.Tensor, card: FusionCard) -> Fused:
     """Gray stack (B, N, H, W) in [0, 1] and its (view-averaged) focus logits -> the card's outputs."""
     index, depth = index_and_depth(logits, card.index_rule)
-    if not card.fusion_temperature:
-        return Fused(gather_slices(stack, index), depth, index, None)
-    fused, weights = blended_image(stack, logits, card)
+    if card.fusion_temperature:
+        fused, weights = blended_image(stack, logits, card)
+    else:
+        fused, weights = gather_slices(stack, index), None
+    if card.depth_rule == "guided":
+        depth = refined_depth(fused, index, depth_confidence(logits, weights), logits.shape[1])
     return Fused(fused, depth, index, weights)
 
 
