@@ -220,3 +220,44 @@ class _LogitsOnly(torch.nn.Module):
     def focus_logits(self, x):
         return self.logits
 
+
+# ----------------------------------------------------------------------------- 16-bit depth and the CLI
+
+
+def test_the_depth_map_can_keep_16_bits():
+    stack, logits, _ = ramp_case()
+    result = fuse_gray_batch(_LogitsOnly(logits), FusionCard("argmax", depth_rule="guided"), stack, fast=False)[0]
+    images = [(s * 255).astype(np.uint8) for s in stack[0].numpy()]
+    eight, sixteen = render_outputs(result, images)["depth_map"], render_outputs(result, images, depth_bits=16)["depth_map"]
+    assert eight.dtype == np.uint8 and sixteen.dtype == np.uint16
+    assert np.array_equal(sixteen, (np.clip(result.depth, 0, 1) * 65535).astype(np.uint16))
+    assert np.abs(sixteen.astype(int) // 257 - eight).max() <= 1                  # the same depth, 256 x finer
+    with pytest.raises(ValueError, match="depth_bits must be one of"):
+        render_outputs(result, images, depth_bits=12)
+
+
+@pytest.mark.slow
+def test_the_cli_writes_a_guided_16_bit_depth_and_keeps_the_index(tmp_path):
+    import subprocess
+    import sys
+
+    import cv2
+
+    from conftest import REPO, textured_stack
+    stack = tmp_path / "stack"
+    stack.mkdir()
+    for k, image in enumerate(textured_stack(num_slices=4, height=64, width=64), start=1):
+        cv2.imwrite(str(stack / f"{k}.png"), image)
+    runs = {}
+    for label, extra in (("card", []), ("guided", ["--depth_rule", "guided", "--depth_bits", "16"])):
+        out = tmp_path / label
+        result = subprocess.run([sys.executable, str(REPO / "predict_one_stack.py"), "--input_dir", str(stack),
+                                 "--output_dir", str(out), "--fixed_names", "--device", "cpu", *extra],
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        runs[label] = (cv2.imread(str(out / "depth_map.png"), cv2.IMREAD_UNCHANGED), np.load(out / "depth_index.npy"))
+    assert runs["guided"][0].dtype == np.uint16 and runs["card"][0].dtype == np.uint8
+    assert np.array_equal(runs["guided"][1], runs["card"][1])            # the index output stays the index
+    bad = subprocess.run([sys.executable, str(REPO / "predict_one_stack.py"), "--input_dir", str(stack),
+                          "--depth_rule", "smooth"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "invalid choice: 'smooth'" in bad.stderr.strip().splitlines()[-1]
