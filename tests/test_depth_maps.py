@@ -261,3 +261,24 @@ def test_the_cli_writes_a_guided_16_bit_depth_and_keeps_the_index(tmp_path):
     bad = subprocess.run([sys.executable, str(REPO / "predict_one_stack.py"), "--input_dir", str(stack),
                           "--depth_rule", "smooth"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "invalid choice: 'smooth'" in bad.stderr.strip().splitlines()[-1]
+
+
+# ----------------------------------------------------------------------------- bench/depth_quality.py
+
+
+def test_rule_e_verdict_holds_both_bounds():
+    from bench.depth_quality import GUIDED, PICK, RELEASED, rule_cards, verdict
+    lf, real = ["a", "b"], ["r"]
+    scores = {PICK: {"a": (0.40, 1.0, 0.3), "b": (0.20, 1.0, 0.1), "r": 3.0},       # the baseline: mean 0.30
+              GUIDED: {"a": (0.44, 1.0, 0.0), "b": (0.21, 1.0, 0.5), "r": 0.2},     # mean 0.325, speckle 0.5
+              RELEASED: {"a": (0.50, 1.0, 0.0), "b": (0.20, 1.0, 0.0), "r": 0.0}}   # mean 0.35: 0.05 above
+    decided = verdict(scores, lf, real)
+    assert decided[GUIDED] == (pytest.approx(0.325), 0.5, "yes")
+    assert decided[RELEASED][2] == "yes"
+    scores[RELEASED]["a"] = (0.52, 1.0, 0.0)                                        # 0.36: beyond the margin
+    scores[GUIDED]["r"] = 0.51                                                      # speckle beyond 0.5%
+    decided = verdict(scores, lf, real)
+    assert decided[RELEASED][2] == "no" and decided[GUIDED][2] == "no"
+    cards = rule_cards(FusionCard("argmax", fusion_temperature=1.0, depth_rule="guided"))
+    assert cards[PICK].depth_rule == "index" and cards[PICK].index_rule == "argmax"
+    assert cards[RELEASED].index_rule == "minmax_round" and cards[GUIDED].depth_rule == "guided"
