@@ -265,9 +265,12 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     Each pass is a sum of shifted copies: it computes the same sum as a one-channel conv2d
     over the planes, about 4 times faster on the CPU (bench/benchmark_blend.py)."""
     x = x.float()
-    if not sigma:
-        return x
-    taps = _gaussian_taps(sigma).tolist()
+    return separable_filter(x, _gaussian_taps(sigma).tolist()) if sigma else x
+
+
+def separable_filter(x: torch.Tensor, taps) -> torch.Tensor:
+    """x (B, C, H, W) float32 filtered by the same odd list of taps along rows, then columns,
+    edge pixels repeated at the border: a sum of shifted copies (see ``gaussian_blur``)."""
     r = len(taps) // 2
     for dim, pad in ((-1, (r, r, 0, 0)), (-2, (0, 0, r, r))):
         padded = F.pad(x, pad, mode="replicate")
@@ -367,11 +370,8 @@ def box_mean(x: torch.Tensor, radius: int) -> torch.Tensor:
 
     Edge pixels are repeated at the border, as ``gaussian_blur`` does; radius 0 returns x as float32."""
     x = x.float()
-    if not radius:
-        return x
     side = 2 * radius + 1
-    x = F.avg_pool2d(F.pad(x, (radius, radius, 0, 0), mode="replicate"), (1, side), stride=1)
-    return F.avg_pool2d(F.pad(x, (0, 0, radius, radius), mode="replicate"), (side, 1), stride=1)
+    return separable_filter(x, [1 / side] * side) if radius else x
 
 
 def guided_filter(guide: torch.Tensor, source: torch.Tensor, radius: int, eps: float,
