@@ -105,6 +105,11 @@ class FusionCard:
                              "(the fused image picks by index); give a temperature > 0 or leave it out")
 
     @property
+    def refines_depth(self) -> bool:
+        """Whether the depth output is the refined one (``refined_depth``) rather than the index rule's."""
+        return self.depth_rule == "guided"
+
+    @property
     def two_bands(self) -> bool:
         """Whether the blend runs in two bands (both sigmas above 0)."""
         return bool(self.base_sigma and self.base_weight_sigma)
@@ -385,6 +390,7 @@ def guided_filter(guide: torch.Tensor, source: torch.Tensor, radius: int, eps: f
     untrusted region up to 2r px across takes its value from the trusted
     pixels around it (a wider one, its own mean).
     Reaches 2r pixels (``guided_filter_reach``)."""
+    # The floor: a window of untrusted pixels takes its plain mean, never 0 / 0.
     weight = torch.ones_like(source) if confidence is None else confidence.float() + 1e-6
 
     def mean(x):     # the confidence-weighted window mean
@@ -442,7 +448,7 @@ def fuse(stack: torch.Tensor, logits: torch.Tensor, card: FusionCard) -> Fused:
         fused, weights = blended_image(stack, logits, card)
     else:
         fused, weights = gather_slices(stack, index), None
-    if card.depth_rule == "guided":
+    if card.refines_depth:
         depth = refined_depth(fused, index, depth_confidence(logits, weights), logits.shape[1])
     return Fused(fused, depth, index, weights)
 

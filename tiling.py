@@ -292,7 +292,7 @@ def tiled_fuse(model, card, stack, max_memory=None, tile=None, halo=None, stat_p
     held += size[0] * size[1] * 16 + reserved_bytes              # outputs and the caller's share
     if blends:
         held += 2 * 4 * n * size[0] * size[1]    # the weights, and their copy resized to the input
-    refines = card.depth_rule != "index"
+    refines = card.refines_depth
     if refines:
         held += 4 * size[0] * size[1]            # the decoding's confidence, one full-size map
     if tile is None:
