@@ -7,6 +7,8 @@ the JSON file beside a checkpoint (no file: the released decoding):
 * ``views``: the logits are averaged over mirrored/transposed passes
   (``view_logits``);
 * ``index_rule``: how the slice index (and depth map) is read;
+* ``depth_rule``: the depth output as the index rule gives it (released), or
+  that index smoothed by the fused image into a continuous map (``refined_depth``);
 * ``fusion_temperature`` 0 takes each pixel from the indexed slice
   (released); above 0 the slices are blended with softmax weights, refined
   by ``depth_window`` and ``focus_prior``, in one band or in two
@@ -37,6 +39,13 @@ from utils import InputError, dtype_max, write_text
 # - "argmax": the slice of highest focus logit at every pixel; its depth output
 #   is index / (N - 1), so depth map and fused image agree.
 INDEX_RULES = ("minmax_round", "argmax")
+
+# How the depth output is read:
+# - "index" (released): the index rule's depth above;
+# - "guided": the index smoothed by a guided filter (guide: the fused gray image) whose fit trusts
+#   each pixel by how sure the decoding is there (``refined_depth``): continuous, sub-slice at depth
+#   edges and slopes, and flat regions take their depth from the texture around them, so no speckle.
+DEPTH_RULES = ("index", "guided")
 
 # Test-time views: the focus logits of the stack as given (1), also mirrored
 # left-right (2), also up-down and both (4), and the same four transposed (8),
@@ -73,10 +82,16 @@ class FusionCard:
         "s > 0 blends in two bands: each slice's base (Gaussian blur of sigma s px) takes the blend weights "
         "smoothed by --base_weight_sigma, its detail the weights as they are, so seams at depth edges fade")
     base_weight_sigma: float = _number("px: the Gaussian that smooths the weights of the base band; 0: one band")
+    depth_rule: str = field(default="index", metadata={
+        "help": "the depth output: 'index' as the index rule reads it (released), 'guided' that index smoothed "
+                "by the fused image where the decoding is unsure (continuous, no speckle in flat regions); "
+                "the index output stays the index", "choices": DEPTH_RULES})
 
     def __post_init__(self):
         if self.index_rule not in INDEX_RULES:
             raise ValueError(f"index_rule must be one of {INDEX_RULES}, got {self.index_rule!r}")
+        if self.depth_rule not in DEPTH_RULES:
+            raise ValueError(f"depth_rule must be one of {DEPTH_RULES}, got {self.depth_rule!r}")
         if isinstance(self.views, bool) or self.views not in TEST_VIEWS:
             raise ValueError(f"views must be one of {TEST_VIEWS}, got {self.views!r}")
         object.__setattr__(self, "views", int(self.views))
@@ -89,6 +104,11 @@ class FusionCard:
         if not self.fusion_temperature and unused:
             raise ValueError(f"{unused[0]} {getattr(self, unused[0]):g} has no effect with fusion_temperature 0 "
                              "(the fused image picks by index); give a temperature > 0 or leave it out")
+
+    @property
+    def refines_depth(self) -> bool:
+        """Whether the depth output is the refined one (``refined_depth``) rather than the index rule's."""
+        return self.depth_rule == "guided"
 
     @property
     def two_bands(self) -> bool:
@@ -252,16 +272,20 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     over the planes, about 4 times faster on the CPU (bench/benchmark_blend.py). Outside
     autograd on the CPU OpenCV's separable filter computes the same sum, 2-4 times faster again."""
     x = x.float()
-    if not sigma:
-        return x
+    return separable_filter(x, _gaussian_taps(sigma).tolist()) if sigma else x
+
+
+def separable_filter(x: torch.Tensor, taps) -> torch.Tensor:
+    """x (B, C, H, W) float32 filtered by the same odd list of taps along rows, then columns,
+    edge pixels repeated at the border: a sum of shifted copies (see ``gaussian_blur``), or
+    OpenCV's separable filter on the CPU when no gradient is needed (the same sums, faster)."""
     if x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad):
-        taps = _gaussian_taps(sigma).numpy()
-        planes = x.reshape(-1, *x.shape[-2:]).contiguous().numpy()
+        kernel = np.asarray(taps, np.float32)
+        planes = x.detach().reshape(-1, *x.shape[-2:]).contiguous().numpy()
         out = np.empty_like(planes)
-        for plane, blurred in zip(planes, out):
-            cv2.sepFilter2D(plane, cv2.CV_32F, taps, taps, dst=blurred, borderType=cv2.BORDER_REPLICATE)
+        for plane, filtered in zip(planes, out):
+            cv2.sepFilter2D(plane, cv2.CV_32F, kernel, kernel, dst=filtered, borderType=cv2.BORDER_REPLICATE)
         return torch.from_numpy(out).reshape(x.shape)
-    taps = _gaussian_taps(sigma).tolist()
     r = len(taps) // 2
     for dim, pad in ((-1, (r, r, 0, 0)), (-2, (0, 0, r, r))):
         padded = F.pad(x, pad, mode="replicate")
@@ -354,6 +378,70 @@ def blended_image(stack: torch.Tensor, logits: torch.Tensor, card: FusionCard):
     return blend(stack, weights, card), weights
 
 
+# ----------------------------------------------------------------------------- refined depth
+
+def box_mean(x: torch.Tensor, radius: int) -> torch.Tensor:
+    """Mean over the (2r+1) x (2r+1) square around every pixel: x (B, C, H, W) -> float32, same shape.
+
+    Edge pixels are repeated at the border, as ``gaussian_blur`` does; radius 0 returns x as float32."""
+    x = x.float()
+    side = 2 * radius + 1
+    return separable_filter(x, [1 / side] * side) if radius else x
+
+
+def guided_filter(guide: torch.Tensor, source: torch.Tensor, radius: int, eps: float,
+                  confidence: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Edge-aware smoothing of ``source`` by ``guide`` (He et al.'s guided filter), (B, 1, H, W) each.
+
+    In every (2r+1)^2 window the source is fitted as a * guide + b by least
+    squares (eps damps a where the guide is flat, so there the window's mean
+    wins); each pixel takes the mean of the fits of the windows holding it.
+    ``confidence`` (>= 0, same shape) weights the fit's pixels, so an
+    untrusted region up to 2r px across takes its value from the trusted
+    pixels around it (a wider one, its own mean).
+    Reaches 2r pixels (``guided_filter_reach``)."""
+    # The floor: a window of untrusted pixels takes its plain mean, never 0 / 0.
+    weight = torch.ones_like(source) if confidence is None else confidence.float() + 1e-6
+
+    def mean(x):     # the confidence-weighted window mean
+        return box_mean(weight * x, radius) / total
+
+    total = box_mean(weight, radius)
+    guide, source = guide.float(), source.float()
+    mean_guide, mean_source = mean(guide), mean(source)
+    slope = (mean(guide * source) - mean_guide * mean_source) / (mean(guide * guide) - mean_guide ** 2 + eps)
+    offset = mean_source - slope * mean_guide
+    return box_mean(slope, radius) * guide + box_mean(offset, radius)
+
+
+def guided_filter_reach(radius: int) -> int:
+    """Pixels around a pixel that ``guided_filter`` of ``radius`` reads: two window means."""
+    return 2 * radius
+
+
+# The "guided" depth rule's settings, chosen by rule E on the light fields and real stacks
+# (docs/notes/depth-maps.md): window radius (px), the fit's damping where the guide is flat
+# ([0, 1] gray levels squared) and the power that turns the decoding's peak weight into trust.
+DEPTH_RADIUS = 4
+DEPTH_EPS = 0.1
+DEPTH_CONFIDENCE_POWER = 16
+
+
+def depth_confidence(logits: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Tensor:
+    """How sure the decoding is at every pixel, (B, 1, H, W) in (0, 1]: the largest blend weight to
+    DEPTH_CONFIDENCE_POWER (a pick by index: that of softmax(logits)), so only clear peaks count."""
+    weights = torch.softmax(logits.float(), dim=1) if weights is None else weights
+    return weights.amax(dim=1, keepdim=True) ** DEPTH_CONFIDENCE_POWER
+
+
+def refined_depth(guide: torch.Tensor, index: torch.Tensor, confidence: torch.Tensor, num_slices: int) -> torch.Tensor:
+    """The "guided" depth rule: the index (B, H, W) of ``num_slices`` slices smoothed by
+    ``guided_filter`` with the fused gray image (B, 1, H, W) as guide and ``depth_confidence`` as
+    trust -> depth (B, 1, H, W) in [0, 1]. Reaches ``guided_filter_reach(DEPTH_RADIUS)`` px."""
+    slices = guided_filter(guide, index[:, None].float(), DEPTH_RADIUS, DEPTH_EPS, confidence)
+    return (slices / max(num_slices - 1, 1)).clamp(0, 1)
+
+
 class Fused(NamedTuple):
     """One decoding: fused (B, 1, H, W) float32, depth (B, 1, H, W) in [0, 1], index (B, H, W)
     int64 in [0, N-1], weights (B, N, H, W) of the blend or None for a pick by index."""
@@ -366,9 +454,12 @@ class Fused(NamedTuple):
 def fuse(stack: torch.Tensor, logits: torch.Tensor, card: FusionCard) -> Fused:
     """Gray stack (B, N, H, W) in [0, 1] and its (view-averaged) focus logits -> the card's outputs."""
     index, depth = index_and_depth(logits, card.index_rule)
-    if not card.fusion_temperature:
-        return Fused(gather_slices(stack, index), depth, index, None)
-    fused, weights = blended_image(stack, logits, card)
+    if card.fusion_temperature:
+        fused, weights = blended_image(stack, logits, card)
+    else:
+        fused, weights = gather_slices(stack, index), None
+    if card.refines_depth:
+        depth = refined_depth(fused, index, depth_confidence(logits, weights), logits.shape[1])
     return Fused(fused, depth, index, weights)
 
 

@@ -22,8 +22,8 @@ from fusion import FusionCard, add_card_arguments, card_from_args, fuse, fuse_co
 from memory import GIB, available_bytes
 from model import load_model
 from tiling import tiled_fuse
-from utils import (depth_colormap, dtype_max, index_picture, next_multiple, resize_back, resize_to_multiple,
-                   encoder_params, stack_to_tensor, to_gray, to_uint8, write_image, write_npy)
+from utils import (depth_colormap, index_picture, next_multiple, resize_back, resize_to_multiple,
+                   encoder_params, stack_to_tensor, to_gray, to_integer_image, write_image, write_npy)
 
 # The weights every predict script uses unless --model_path says otherwise:
 # trained by this project (docs/weights.md); its model card beside it
@@ -193,21 +193,27 @@ def fuse_images(model, card: FusionCard, images, device=None, max_memory=None, p
     return fuse_gray_batch(model, card, stack_to_tensor(images), device, precision=precision)[0]
 
 
-def render_outputs(result: FusionResult, images, reverse: bool = False) -> dict:
+# Bits of the depth map picture: 8 as released, 16 to keep a continuous depth rule's sub-slice levels.
+DEPTH_BITS = (8, 16)
+
+
+def render_outputs(result: FusionResult, images, reverse: bool = False, depth_bits: int = 8) -> dict:
     """The six released outputs of one stack, keyed by OUTPUT_KINDS stems.
 
-    Fused pictures keep the input's bit depth (8 or 16); depth pictures are
-    8-bit. ``reverse`` flips depth and index (1 - depth, N-1 - index) for
-    stacks ordered far-to-near; it does not change the fused images.
+    Fused pictures keep the input's bit depth (8 or 16); the depth map has
+    ``depth_bits`` (DEPTH_BITS), the other depth pictures are 8-bit.
+    ``reverse`` flips depth and index (1 - depth, N-1 - index) for stacks
+    ordered far-to-near; it does not change the fused images.
     """
+    if depth_bits not in DEPTH_BITS:
+        raise ValueError(f"depth_bits must be one of {DEPTH_BITS}, got {depth_bits!r}")
     n = result.num_slices
     depth = 1.0 - result.depth if reverse else result.depth
     index = (n - 1) - result.index if reverse else result.index
     dtype = images[0].dtype
-    fused_gray = (np.clip(result.fused_gray, 0, 1) * dtype_max(dtype)).astype(dtype)
     return {
-        "fused_gray": fused_gray,
-        "depth_map": to_uint8(depth),
+        "fused_gray": to_integer_image(result.fused_gray, dtype),
+        "depth_map": to_integer_image(depth, np.uint16 if depth_bits == 16 else np.uint8),
         "color_fused": fuse_colour(images, result.index, result.weights, result.card),
         "depth_colormap": depth_colormap(depth),
         "depth_index": index.astype(np.int32),

@@ -23,6 +23,7 @@ from skimage.measure import shannon_entropy
 from skimage.metrics import mean_squared_error, peak_signal_noise_ratio, structural_similarity
 from torchmetrics.functional.image import visual_information_fidelity
 
+from fusion import gaussian_blur
 from utils import dtype_max
 
 GRAY_MAX = 255.0
@@ -339,6 +340,37 @@ def scd(source_a, source_b, fused) -> float:
 
 
 # ----------------------------------------------------------------------------- registry
+
+# ----------------------------------------------------------------------------- depth maps in slices
+# Rule E of docs/notes/real-optics-fusion.md: depth in slice units (index 0..N-1, or depth x (N - 1)).
+
+SPECKLE_STEP = 2            # slices off the 3 x 3 median that make a pixel a speckle
+TEXTURE_SIGMA = 2.0         # px: the Gaussian that smooths the gradient magnitude of textured_half
+
+
+def speckle_share(slices) -> float:
+    """Share of pixels whose rounded depth (HxW, in slices) is at least 2 off the 3 x 3 median of
+    the rounded map (edge pixels repeated at the border): isolated wrong picks, not depth edges."""
+    index = np.rint(np.asarray(slices, dtype=np.float64))
+    median = ndimage.median_filter(index, size=3, mode="nearest")
+    return float(np.mean(np.abs(index - median) >= SPECKLE_STEP))
+
+
+def textured_half(image) -> np.ndarray:
+    """bool HxW: pixels whose gradient magnitude (central differences), smoothed by a Gaussian of
+    2 px, is above its median; where a focus measure can say which slice is sharp."""
+    gy, gx = np.gradient(np.asarray(image, dtype=np.float64))
+    magnitude = torch.from_numpy(np.hypot(gx, gy).astype(np.float32))[None, None]
+    smooth = gaussian_blur(magnitude, TEXTURE_SIGMA)[0, 0].numpy()
+    return smooth > np.median(smooth)
+
+
+def slice_mae(slices, true_index, where=None) -> float:
+    """Mean absolute error in slices of a depth (HxW, in slices) against a true index, over ``where``
+    (bool HxW; default every pixel)."""
+    error = np.abs(np.asarray(slices, dtype=np.float64) - np.asarray(true_index, dtype=np.float64))
+    return float(error.mean() if where is None else error[where].mean())
+
 
 @dataclass(frozen=True)
 class Metric:

@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 from exposure import add_exposure_argument, match_exposure
-from inference import (FUSED_KINDS, OUTPUT_KINDS, add_model_arguments, fuse_images, model_from_args, render_outputs,
-                       write_outputs)
+from inference import (DEPTH_BITS, FUSED_KINDS, OUTPUT_KINDS, add_model_arguments, fuse_images, model_from_args,
+                       render_outputs, write_outputs)
 from Registration import add_align_argument, align_stack
 from utils import (add_output_format_arguments, ensure_output_dir, output_format_from_args, read_stack,
                    read_stack_metadata, refuse_output_into_input, run_cli, select_device)
@@ -31,6 +31,9 @@ def get_args_parser():
                     help="write fused_gray.png, depth_map.png, ... instead of names with a timestamp")
     io.add_argument("--reverse", action="store_true",
                     help="save 1 - depth and N-1 - index (for stacks ordered far to near)")
+    io.add_argument("--depth_bits", type=int, default=8, choices=DEPTH_BITS,
+                    help="bits of depth_map: 8 (released) or 16, which keeps the sub-slice levels of "
+                         "--depth_rule guided (default: 8)")
     add_align_argument(io)
     add_exposure_argument(io)
     add_output_format_arguments(io)
@@ -60,7 +63,7 @@ def main(args):
     result = fuse_images(model, card, images, device, args.max_memory, args.precision)
     elapsed = time.perf_counter() - start
     paths = output_paths(output_dir, args.fixed_names, fused_suffix)
-    write_outputs(render_outputs(result, images, args.reverse), paths, read_stack_metadata(args.input_dir),
+    write_outputs(render_outputs(result, images, args.reverse, args.depth_bits), paths, read_stack_metadata(args.input_dir),
                   **write_options)
     h, w = images[0].shape[:2]
     print(f"fused {len(images)} slices of {w}x{h} in {elapsed:.2f} s on {device}; outputs in {output_dir}")

@@ -9,7 +9,9 @@ focus logits are then decoded with the checkpoint's card like the whole
 image's (fusion.py): its views (each with its own statistics), and a blend
 on the tile grown by what the blend reaches (``FusionCard.halo``); only the
 min-max of the released index rule is image-wide, and it is taken over all
-tiles.
+tiles. A refined depth (the card's ``depth_rule``) is filtered last, box by
+box on the full-size fused image, index and confidence, each box grown by
+the filter's reach, so it is the whole image's.
 """
 import math
 
@@ -18,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from fast_inference import CHANNELS_LAST, extract_features, grow_box, gru_logits, gru_tile_side, tile_boxes
-from fusion import Fused, blended_image, unview, view
+from fusion import (DEPTH_RADIUS, Fused, blended_image, depth_confidence, guided_filter_reach, refined_depth, unview,
+                    view)
 from memory import GIB, return_freed_memory
 from model import depth_to_index, expected_slice_number, gather_slices
 from utils import SIZE_MULTIPLE, InputError, next_multiple
@@ -289,6 +292,9 @@ def tiled_fuse(model, card, stack, max_memory=None, tile=None, halo=None, stat_p
     held += size[0] * size[1] * 16 + reserved_bytes              # outputs and the caller's share
     if blends:
         held += 2 * 4 * n * size[0] * size[1]    # the weights, and their copy resized to the input
+    refines = card.refines_depth
+    if refines:
+        held += 4 * size[0] * size[1]            # the decoding's confidence, one full-size map
     if tile is None:
         tile = (plan_tiles(size, n, max_memory, held, halo, gru_halo, chunk, workers, fusion_halo, blends)
                 if max_memory else 512)
@@ -362,6 +368,7 @@ def tiled_fuse(model, card, stack, max_memory=None, tile=None, halo=None, stat_p
         number = torch.empty(size, dtype=torch.float32)          # expected slice number in [1, N] (argmax: index)
         fused = torch.empty((1, 1) + size, dtype=torch.float32)
         weights = torch.empty((1, n) + size, dtype=torch.float32) if blends else None
+        confidence = torch.empty((1, 1) + size, dtype=torch.float32) if refines else None
         for box in boxes:
             around = grow_box(box, fusion_halo, size)              # what the blend needs
             logits = tile_logits(box, around)
@@ -376,6 +383,9 @@ def tiled_fuse(model, card, stack, max_memory=None, tile=None, halo=None, stat_p
                 part, part_weights = blended_image(x[None].to(logits.device), logits[None], card)
                 fused[:, :, box[0]:box[1], box[2]:box[3]] = part[(slice(None), slice(None)) + inside].cpu()
                 weights[:, :, box[0]:box[1], box[2]:box[3]] = part_weights[(slice(None), slice(None)) + inside].cpu()
+            if refines:     # per pixel: the tile's interior alone is exact
+                confidence[:, :, box[0]:box[1], box[2]:box[3]] = depth_confidence(
+                    inner[None], weights[:, :, box[0]:box[1], box[2]:box[3]] if blends else None).cpu()
         if bar:
             bar.close()
         if card.index_rule == "argmax":
@@ -391,4 +401,21 @@ def tiled_fuse(model, card, stack, max_memory=None, tile=None, halo=None, stat_p
                 x = network_input_crop(stack, rows, cols, size)[:, 0]  # (N, h, w)
                 fused[0, 0, box[0]:box[1], box[2]:box[3]] = gather_slices(
                     x[None], index[None, box[0]:box[1], box[2]:box[3]])[0, 0]
-    return Fused(fused, depth[None, None], index[None], weights)
+        depth = depth[None, None]
+        if refines:
+            depth = refined_tiles(fused, index[None], confidence, n, boxes, size)
+    return Fused(fused, depth, index[None], weights)
+
+
+def refined_tiles(fused, index, confidence, num_slices, boxes, size) -> torch.Tensor:
+    """``fusion.refined_depth`` of full-size maps (fused and confidence (1, 1, H, W), index
+    (1, H, W)), box by box on crops grown by the filter's reach: the whole image's result, with
+    working memory of a few crops."""
+    depth = torch.empty_like(fused)
+    reach = guided_filter_reach(DEPTH_RADIUS)
+    for box in boxes:
+        y0, y1, x0, x1 = grow_box(box, reach, size)
+        part = refined_depth(fused[..., y0:y1, x0:x1], index[:, y0:y1, x0:x1], confidence[..., y0:y1, x0:x1],
+                             num_slices)
+        depth[..., box[0]:box[1], box[2]:box[3]] = part[..., box[0] - y0:box[1] - y0, box[2] - x0:box[3] - x0]
+    return depth

@@ -408,9 +408,14 @@ def depth_colormap(depth: np.ndarray) -> np.ndarray:
     return _RAINBOW[index]
 
 
+def to_integer_image(values: np.ndarray, dtype) -> np.ndarray:
+    """float in [0, 1] -> uint8 / uint16 by x its largest value and truncation, as released."""
+    return (np.clip(values, 0, 1) * dtype_max(dtype)).astype(dtype)
+
+
 def to_uint8(values: np.ndarray) -> np.ndarray:
     """float in [0, 1] -> uint8 by x255 and truncation, as released."""
-    return (np.clip(values, 0, 1) * 255).astype(np.uint8)
+    return to_integer_image(values, np.uint8)
 
 
 def index_picture(index: np.ndarray, num_slices: int) -> np.ndarray:
