@@ -248,7 +248,7 @@ def gru_logits(bigru, features: torch.Tensor, precision: str = "fp32", tile: int
             for a, b, c, d in tile_boxes((y1 - y0, x1 - x0), tile)]
     if bounded:
         jobs = [partial(then_return_freed_memory, job) for job in jobs]
-    run_jobs(jobs, workers)
+    run_jobs(jobs, workers, one_thread=True)        # one tile alone: intra-op threads stalled (run_jobs)
     return logits
 
 
