@@ -519,7 +519,7 @@ def exact_logits(model, card, stack, size, tile, fe_workers, workers, precision,
             window = grow_box(box, reach, vsize)
             inner = (box[0] - window[0], box[1] - window[0], box[2] - window[2], box[3] - window[2])
             feats = features_on(z, window, workers)
-            # The GRU's own tiles start at the box's corner: they are then the whole image's tiles.
+            # Its own tiles start at the box corner: the whole image's, for tiles planned as multiples of theirs.
             logits = gru_logits(bigru, feats, precision, workers=workers, region=inner)
             del feats
             part = unview(logits[:, inner[0]:inner[1], inner[2]:inner[3]], k)
