@@ -1,11 +1,17 @@
 """Fusion tile by tile, with memory that does not grow with the image (``--max_memory``).
 
-The network's image-wide statistics (GroupNorm means/variances,
-channel-attention pools) are accumulated over tile interiors in statistics
-passes and then applied to every tile; the GRU gets a halo that makes it
-exact (2 pixels per slice) and the feature extractor a wider one, so the
-tiles stay close to whole-image results (docs/performance.md). Each tile's
-focus logits are then decoded with the checkpoint's card like the whole
+Two ways, chosen by the memory bound. The exact path, when one view's
+feature-extractor output at half resolution fits for every slice: the
+extractor runs on the whole image one slice at a time (its full-resolution
+first level in strips of rows, its last upsampling on windows), so its
+statistics are the image's own, and the GRU runs in tiles grown by its reach
+(2 pixels per slice): the whole image's focus logits up to float rounding.
+Otherwise context tiles: the network's image-wide statistics (GroupNorm
+means/variances, channel-attention pools) are accumulated over tile
+interiors in statistics passes and then applied to every tile; the GRU gets
+a halo that makes it exact and the feature extractor a wider one, so the
+tiles stay close to whole-image results (docs/performance.md). Either way
+the focus logits are decoded with the checkpoint's card like the whole
 image's (fusion.py): its views (each with its own statistics), and a blend
 on the tile grown by what the blend reaches (``FusionCard.halo``); only the
 min-max of the released index rule is image-wide, and it is taken over all
@@ -14,12 +20,14 @@ box on the full-size fused image, index and confidence, each box grown by
 the filter's reach, so it is the whole image's.
 """
 import math
+from functools import partial
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fast_inference import CHANNELS_LAST, extract_features, grow_box, gru_logits, gru_tile_side, tile_boxes
+from fast_inference import (CHANNELS_LAST, WholeImage, extract_features, first_level, grow_box, gru_logits,
+                            gru_tile_side, half_resolution_features, run_jobs, tile_boxes)
 from fusion import (DEPTH_RADIUS, Fused, blended_image, depth_confidence, guided_filter_reach, refined_depth, unview,
                     view)
 from memory import GIB, return_freed_memory
@@ -54,6 +62,13 @@ def _resize_positions(out_start: int, out_count: int, in_size: int, out_size: in
     align_corners=False (the released resize up to a multiple of 32)."""
     out = torch.arange(out_start, out_start + out_count, dtype=torch.float64)
     return ((out + 0.5) * (in_size / out_size) - 0.5).clamp_min(0)
+
+
+def _align_corners_up(y, dim, y_start, out_start, out_count, n_in):
+    """Samples out_start.. (out_count of them) of the x2 bilinear upsampling, align_corners=True, of a
+    whole-image axis of n_in samples, from y along ``dim`` holding samples y_start.. of that axis."""
+    out = torch.arange(out_start, out_start + out_count, dtype=torch.float64)
+    return _lerp_along(y, dim, out * ((n_in - 1) / (2 * n_in - 1)) - y_start)
 
 
 def _to_float(array) -> torch.Tensor:
@@ -104,12 +119,21 @@ class TileContext:
         (cy, _, cx, _), (iy0, iy1, ix0, ix1) = self.crop, self.interior
         return y[:, :, (iy0 - cy) // s:(iy1 - cy) // s, (ix0 - cx) // s:(ix1 - cx) // s]
 
+    def gather(self, key, groups, y):
+        """Add y's per-group sums over the tile interior to ``collect``."""
+        inner = self._interior_of(y)
+        b, c = inner.shape[:2]
+        # Per channel first (a reduction along the memory order of channels-last), in float64.
+        total = inner.sum(dim=(2, 3), dtype=torch.float64).reshape(b, groups, -1).sum(-1).cpu()
+        total_sq = torch.linalg.vector_norm(inner, dim=(2, 3), dtype=torch.float64).square()
+        total_sq = total_sq.reshape(b, groups, -1).sum(-1).cpu()
+        self.collect.add(key, self.slices, total, total_sq, inner[0, 0].numel() * (c // groups))
+
     def norm(self, key, norm, y):
         groups = norm.num_groups
         b, c = y.shape[:2]
         if self.collect is not None:
-            inner = self._interior_of(y).double().reshape(b, groups, -1).cpu()
-            self.collect.add(key, self.slices, inner.sum(-1), (inner * inner).sum(-1), inner.shape[-1])
+            self.gather(key, groups, y)
         if self.given is None:
             return F.group_norm(y, groups, norm.weight, norm.bias, norm.eps)
         mean, var = self.given[key]
@@ -131,10 +155,7 @@ class TileContext:
         """x2 bilinear upsampling with align_corners=True on the *whole image's* grid."""
         level = self._level(y)
         for dim, start, full in ((2, self.crop[0], self.size[0]), (3, self.crop[2], self.size[1])):
-            n_in = full >> level                                  # whole-image size at this level
-            out = torch.arange(start >> (level - 1), (start >> (level - 1)) + 2 * y.shape[dim],
-                               dtype=torch.float64)
-            y = _lerp_along(y, dim, out * ((n_in - 1) / (2 * n_in - 1)) - (start >> level))
+            y = _align_corners_up(y, dim, start >> level, start >> (level - 1), 2 * y.shape[dim], full >> level)
         return y.contiguous(memory_format=CHANNELS_LAST)
 
 
@@ -187,11 +208,15 @@ def tile_bytes(tile: int, num_slices: int, feature_halo: int, gru_halo: int, chu
     fe_pixels = (window + 2 * feature_halo) ** 2
     features = 4 * 8 * num_slices * window ** 2
     extracting = features + 4 * (90 * chunk + 30) * fe_pixels
-    small = min(gru_tile_side(num_slices), window)
-    per_worker = 4 * (24 * num_slices * small ** 2 + 150 * (small + 4 * num_slices) ** 2)
-    recurring = features + 4 * num_slices * window ** 2 + workers * per_worker
+    recurring = features + 4 * num_slices * window ** 2 + workers * _gru_worker_bytes(num_slices, window)
     blending = 4 * 12 * num_slices * (tile + 2 * fusion_halo) ** 2 if blends else 0
     return max(extracting, recurring, blending)
+
+
+def _gru_worker_bytes(num_slices, window):
+    """One GRU worker thread's own small tile on a window of side ``window`` (see ``tile_bytes``)."""
+    small = min(gru_tile_side(num_slices), window)
+    return 4 * (24 * num_slices * small ** 2 + 150 * (small + 4 * num_slices) ** 2)
 
 
 def plan_tiles(size, num_slices, max_memory, fixed_bytes=0, feature_halo=0, gru_halo=0, chunk=2, workers=1,
@@ -256,6 +281,135 @@ def view_size(size, k):
     return (size[1], size[0]) if k & 4 else tuple(size)
 
 
+def view_input(stack, k, box, size, device) -> torch.Tensor:
+    """The network's input (b, 1, h, w) on ``box`` of view k of the stack (b, H, W) resized to ``size``."""
+    source = unview_box(box, k, size)
+    return view(network_input_crop(stack, (source[0], source[1]), (source[2], source[3]), size), k).to(device)
+
+
+# ----------------------------------------------------------------------------- exact features at half resolution
+
+STRIP_ROWS = 64          # full-resolution rows of one strip of the extractor's first level
+# Peak bytes per full-resolution pixel of half_resolution_features on one slice, its input t_1 and
+# output included (68-74 measured with a 5 ms RSS sampler on 1536 x 1152, 1 and 2 threads), and
+# the slice's network input (4).
+HALF_RES_BYTES = 80
+
+
+def first_level_in_strips(fe, x, strip=STRIP_ROWS) -> torch.Tensor:
+    """``fast_inference.first_level`` of the whole network input x (b, 1, H', W') -> t_1 (b, 8, H'/2, W'/2).
+
+    Its full-resolution tensors only ever exist for a strip of rows: encoder1
+    is a 3x3 convolution and the pooling 2 x 2, so the strips are exact; a
+    first pass sums ebn1's statistics over the strips, the second applies them.
+    """
+    b, _, h, w = x.shape
+    strips = [(r, min(r + strip, h), 0, w) for r in range(0, h, strip)]
+    # the conv reaches 1 row; 2 keep the pooling's row pairs aligned
+    crops = [grow_box(box, 2, (h, w)) for box in strips]
+    collect = StatsAccumulator(b)
+    for box, crop in zip(strips, crops):
+        t = fe.encoder1(x[:, :, crop[0]:crop[1]].contiguous(memory_format=CHANNELS_LAST))
+        TileContext(crop, box, (h, w), slice(0, b), collect=collect).gather("ebn1", fe.ebn1.num_groups, t)
+    given, t1 = collect.finish(), None
+    for box, crop in zip(strips, crops):
+        t = first_level(fe, x[:, :, crop[0]:crop[1]], TileContext(crop, box, (h, w), slice(0, b), given))
+        if t1 is None:
+            t1 = torch.empty((b, t.shape[1], h // 2, w // 2), device=t.device, memory_format=CHANNELS_LAST)
+        t1[:, :, box[0] // 2:box[1] // 2] = t[:, :, (box[0] - crop[0]) // 2:(box[1] - crop[0]) // 2]
+    return t1
+
+
+def half_resolution_stack(fe, stack, k, size, device, workers=1) -> torch.Tensor:
+    """``fe.final``'s output (N, 8, H'/2, W'/2) of view k for every slice: the feature extractor on the
+    whole image, so with its own image-wide statistics, short of the last x2 upsampling (``features_on``).
+
+    ``workers`` threads take one slice each (each holds a slice's working memory, HALF_RES_BYTES)."""
+    n = stack.shape[0]
+    vsize = view_size(size, k)
+    z = torch.empty((n, fe.final.out_channels, vsize[0] // 2, vsize[1] // 2), device=device,
+                    memory_format=CHANNELS_LAST)
+
+    def one_slice(s):
+        x = view_input(stack[s:s + 1], k, (0, vsize[0], 0, vsize[1]), size, device)
+        t1 = first_level_in_strips(fe, x)
+        del x
+        z[s:s + 1] = half_resolution_features(fe, t1, WholeImage())
+        del t1
+        return_freed_memory()
+
+    run_jobs([partial(one_slice, s) for s in range(n)], workers, one_thread=True)
+    return z
+
+
+def _source_span(start, stop, n_in):
+    """Samples (lo, hi) of a whole-image axis of n_in samples that its x2 upsampling reads for outputs start..stop."""
+    scale = (n_in - 1) / (2 * n_in - 1)
+    return int(start * scale), min(n_in, int((stop - 1) * scale) + 2)
+
+
+def features_on(z, window, workers=1) -> torch.Tensor:
+    """The extractor's features (N, 8, h, w) on ``window`` (y0, y1, x0, x1) of the full-size image, from
+    ``half_resolution_stack``'s z: its last x2 upsampling (on the whole image's grid) and sigmoid;
+    ``workers`` threads take a slice each."""
+    n, c, h2, w2 = z.shape
+    y0, y1, x0, x1 = window
+    (r0, r1), (c0, c1) = _source_span(y0, y1, h2), _source_span(x0, x1, w2)
+    out = torch.empty((n, c, y1 - y0, x1 - x0), device=z.device, memory_format=CHANNELS_LAST)
+
+    def one_slice(s):               # a slice at a time: the interpolation's temporaries stay small
+        # (h, w, C) views of the channels-last memory: each gather moves C contiguous floats (2x faster)
+        part = _align_corners_up(z[s, :, r0:r1, c0:c1].permute(1, 2, 0), 0, r0, y0, y1 - y0, h2)
+        out[s].permute(1, 2, 0)[:] = _align_corners_up(part, 1, c0, x0, x1 - x0, w2).sigmoid_()
+
+    run_jobs([partial(one_slice, s) for s in range(n)], workers, one_thread=True)
+    return out
+
+
+def half_resolution_bytes(tile, size, num_slices, fe_workers=1, workers=1, fusion_halo=0, blends=False) -> int:
+    """Peak working memory of the exact path (``plan_half_resolution``) with GRU tiles of side ``tile``.
+
+    Held throughout: one view's z (8 bytes per slice and full-size pixel)
+    and the image's logits (4). Then three moments compete: ``fe_workers``
+    slices in the extractor at once (HALF_RES_BYTES each, and a strip),
+    a GRU tile (its features on the tile grown by the GRU's reach, 32 bytes
+    per slice and pixel, the logits, the upsampling of a slice per worker
+    thread, the workers' own small GRU tiles as in ``tile_bytes``), and the card's
+    blend on a tile (as in ``tile_bytes``).
+    """
+    pixels = size[0] * size[1]
+    held = 12 * num_slices * pixels
+    extracting = fe_workers * (HALF_RES_BYTES * pixels + 4 * 30 * (STRIP_ROWS + 4) * max(size))
+    window = min(tile + 4 * (num_slices - 1), max(size))
+    recurring = (4 * (9 * num_slices + 24 * workers) * window ** 2
+                 + workers * _gru_worker_bytes(num_slices, window))
+    blending = 4 * 12 * num_slices * (tile + 2 * fusion_halo) ** 2 if blends else 0
+    return held + max(extracting, recurring, blending)
+
+
+def plan_half_resolution(size, num_slices, max_memory=None, fixed_bytes=0, workers=1, fusion_halo=0,
+                         blends=False, smallest=128):
+    """(GRU tile side, extractor threads) of the exact path within ``max_memory`` GiB (no bound: None),
+    or None when even ``smallest`` tiles do not fit (then the context tiles run).
+
+    The largest tile first (the GRU's halo is 2 (N - 1) px a side), then the most extractor threads.
+    A tile smaller than the image is a multiple of the GRU's own tiles (``gru_tile_side``) where it can
+    be, so that these are the whole image's."""
+    budget = max_memory * GIB - fixed_bytes - _FIXED_BYTES if max_memory else math.inf
+    whole, small = next_multiple(max(size)), gru_tile_side(num_slices)
+    best = None
+    for fe_workers in sorted({1, workers}):
+        side = whole
+        while side >= smallest and half_resolution_bytes(side, size, num_slices, fe_workers, workers,
+                                                         fusion_halo, blends) > budget:
+            side -= SIZE_MULTIPLE
+        if small <= side < whole:
+            side -= side % small
+        if side >= smallest and (best is None or side >= best[0]):
+            best = (side, fe_workers)
+    return best
+
+
 # ----------------------------------------------------------------------------- the tiled path
 
 
@@ -265,16 +419,26 @@ def tiled_fuse(model, card, stack, max_memory=None, tile=None, halo=None, stat_p
 
     stack (N, H, W): uint8/uint16 numpy gray slices, or a float tensor in [0, 1].
     The network runs at (H', W'), the next multiples of 32, as released.
-    ``tile`` (a multiple of 32) or ``max_memory`` (GiB) sets the tile size;
-    ``halo`` is the feature extractor's context around each tile (default 160:
-    on the leaves stack at 128-px tiles, 99.8% index agreement with the
-    whole-image result, against 98.9% with 96);
-    the GRU pass adds 2N rounded up to 32 (exact for the GRU), with a blend
-    2N + ``card.halo()`` rounded up (exact for the blend too).
+
+    Two ways, chosen by memory. Without ``tile``, when ``max_memory`` (GiB;
+    None: no bound) holds one view's extractor output at half resolution
+    for every slice (8 bytes per slice pixel) beside the image's logits (4),
+    the exact path runs (``plan_half_resolution``): the extractor on the
+    whole image one slice at a time, its full-resolution first and last
+    steps in strips and windows, then the GRU in tiles grown by its reach
+    (exact), the whole-image result up to float rounding.
+
+    Otherwise (or with ``tile``) context tiles: ``tile`` (a multiple of 32,
+    else planned from ``max_memory``) is the GRU tile and ``halo`` the
+    feature extractor's context around it (default 160: on the leaves stack
+    at 128-px tiles, 99.8% index agreement with the whole-image result,
+    against 98.9% with 96); the GRU adds 2N rounded up to 32, with a blend
+    2N + ``card.halo()`` rounded up (exact for the GRU and the blend).
     ``stat_passes`` passes over the tiles gather the GroupNorm and
     channel-attention statistics (each pass makes one more layer exact).
     ``stats_tile`` is the tile of the statistics passes (default: the largest
     that ``max_memory`` allows for one slice, or the whole image).
+
     ``reserved_bytes``: memory the caller holds meanwhile (e.g. the colour
     slices kept for the colour fused image), taken out of ``max_memory``.
     Returns ``fusion.Fused`` at (H', W') with a batch of one; a blend keeps
@@ -284,10 +448,7 @@ def tiled_fuse(model, card, stack, max_memory=None, tile=None, halo=None, stat_p
     size = (next_multiple(h), next_multiple(w))
     device = next(model.parameters()).device
     workers = torch.get_num_threads() if device.type == "cpu" else 1
-    halo = DEFAULT_FEATURE_HALO if halo is None else halo
     blends, fusion_halo = bool(card.fusion_temperature), card.halo()
-    # Each GRU step sees two pixels further; a blend needs logits fusion_halo px beyond the tile.
-    gru_halo = next_multiple(2 * n + fusion_halo)
     held = stack.numel() * stack.element_size() if torch.is_tensor(stack) else stack.nbytes
     held += size[0] * size[1] * 16 + reserved_bytes              # outputs and the caller's share
     if blends:
@@ -295,83 +456,24 @@ def tiled_fuse(model, card, stack, max_memory=None, tile=None, halo=None, stat_p
     refines = card.refines_depth
     if refines:
         held += 4 * size[0] * size[1]            # the decoding's confidence, one full-size map
-    if tile is None:
-        tile = (plan_tiles(size, n, max_memory, held, halo, gru_halo, chunk, workers, fusion_halo, blends)
-                if max_memory else 512)
-    if stats_tile is None:
-        stats_tile = plan_stats_tile(size, max_memory, held, halo, chunk)
-    if stats_tile >= max(size):
-        stat_passes = 1                 # one tile: its own statistics are the image's
-    if tile % SIZE_MULTIPLE or halo % SIZE_MULTIPLE:
-        raise ValueError(f"tile ({tile}) and halo ({halo}) must be multiples of {SIZE_MULTIPLE}")
-    fe = model.feature_extraction
-    bigru = model.layer_interaction.layer_interaction_depth
-    boxes = tile_boxes(size, tile)
-    stats_boxes = [tile_boxes(view_size(size, k), stats_tile) for k in range(card.views)]
-    total_steps = card.views * len(boxes) + stat_passes * sum(map(len, stats_boxes))
-    bar = progress(total=total_steps, desc="tiles", unit="tile") if progress else None
-
-    def features(k, crop, interior, given, collect, keep=None):
-        """Run the feature extractor on ``crop`` of view k, one chunk of slices at a time.
-
-        Returns the (N, 8, h, w) features of the ``keep`` window only (the
-        halo beyond it served the extractor's context), or None without one
-        (statistics passes)."""
-        source = unview_box(crop, k, size)
-        rows, cols = (source[0], source[1]), (source[2], source[3])
-        kept = None
-        for s in range(0, n, chunk):
-            sl = slice(s, min(n, s + chunk))
-            x = view(network_input_crop(stack[sl], rows, cols, size), k).to(device)
-            ctx = TileContext(crop, interior, view_size(size, k), sl, given, collect)
-            part = extract_features(fe, x, ctx)
-            del x
-            return_freed_memory()
-            if keep is not None:
-                if kept is None:
-                    kept = part.new_empty((n, part.shape[1], keep[1] - keep[0], keep[3] - keep[2]))
-                kept[sl] = part[:, :, keep[0] - crop[0]:keep[1] - crop[0], keep[2] - crop[2]:keep[3] - crop[2]]
-            del part
-        return kept
-
-    def tile_logits(box, around):
-        """Focus logits (N, h, w) on ``around`` (``box`` grown by at most 32 px), averaged over the
-        card's views as ``fusion.view_logits`` does."""
-        total = None
-        for k in range(card.views):
-            inner = view_box(around, k, size)
-            window = grow_box(view_box(box, k, size), gru_halo, view_size(size, k))   # the GRU is exact on inner
-            crop = grow_box(window, halo, view_size(size, k))                  # what the extractor needs around it
-            feats = features(k, crop, inner, given[k], None, keep=window)   # (N, 8, h, w) on the window
-            logits = gru_logits(bigru, feats, precision, workers=workers, bounded=True)
-            del feats
-            part = unview(logits[:, inner[0] - window[0]:inner[1] - window[0],
-                                 inner[2] - window[2]:inner[3] - window[2]], k)
-            total = part if total is None else total + part
-            if bar:
-                bar.update()
-        return total / card.views if card.views > 1 else total
-
+    plan = None if tile is not None else plan_half_resolution(size, n, max_memory, held, workers, fusion_halo,
+                                                               blends)
     with torch.inference_mode():
-        given = []
-        for k in range(card.views):
-            view_given = None
-            for _ in range(stat_passes):
-                collect = StatsAccumulator(n)
-                for box in stats_boxes[k]:
-                    # Only the statistics are kept: the GRU needs no extra halo here.
-                    features(k, grow_box(box, halo, view_size(size, k)), box, view_given, collect)
-                    if bar:
-                        bar.update()
-                view_given = collect.finish()
-            given.append(view_given)
+        if plan:
+            tile, fe_workers = plan
+            logits_on, bar = exact_logits(model, card, stack, size, tile, fe_workers, workers, precision,
+                                           progress)
+        else:
+            logits_on, tile, bar = _context_tile_logits(model, card, stack, size, max_memory, tile, halo, stat_passes,
+                                                   precision, chunk, progress, stats_tile, held)
+        boxes = tile_boxes(size, tile)
         number = torch.empty(size, dtype=torch.float32)          # expected slice number in [1, N] (argmax: index)
         fused = torch.empty((1, 1) + size, dtype=torch.float32)
         weights = torch.empty((1, n) + size, dtype=torch.float32) if blends else None
         confidence = torch.empty((1, 1) + size, dtype=torch.float32) if refines else None
         for box in boxes:
             around = grow_box(box, fusion_halo, size)              # what the blend needs
-            logits = tile_logits(box, around)
+            logits = logits_on(box, around)
             inside = (slice(box[0] - around[0], box[1] - around[0]), slice(box[2] - around[2], box[3] - around[2]))
             inner = logits[(slice(None),) + inside]
             if card.index_rule == "argmax":   # per pixel: no image-wide statistic needed
@@ -386,6 +488,10 @@ def tiled_fuse(model, card, stack, max_memory=None, tile=None, halo=None, stat_p
             if refines:     # per pixel: the tile's interior alone is exact
                 confidence[:, :, box[0]:box[1], box[2]:box[3]] = depth_confidence(
                     inner[None], weights[:, :, box[0]:box[1], box[2]:box[3]] if blends else None).cpu()
+            del logits
+            return_freed_memory()
+        del logits_on                       # the exact path's logits of the whole image
+        return_freed_memory()
         if bar:
             bar.close()
         if card.index_rule == "argmax":
@@ -419,3 +525,121 @@ def refined_tiles(fused, index, confidence, num_slices, boxes, size) -> torch.Te
                              num_slices)
         depth[..., box[0]:box[1], box[2]:box[3]] = part[..., box[0] - y0:box[1] - y0, box[2] - x0:box[3] - x0]
     return depth
+
+
+def exact_logits(model, card, stack, size, tile, fe_workers, workers, precision, progress):
+    """The exact path's focus logits of the whole image (N, H', W'), averaged over the card's views
+    as ``fusion.view_logits`` does -> (a function (box, around) -> the logits on ``around``, the progress bar)."""
+    n = stack.shape[0]
+    device = next(model.parameters()).device
+    fe, bigru = model.feature_extraction, model.layer_interaction.layer_interaction_depth
+    reach = 2 * (n - 1)                 # GRU step t sees 2 px further; the last state 2 (N - 1)
+    total = torch.zeros((n,) + tuple(size), dtype=torch.float32)
+    gru_boxes = [tile_boxes(view_size(size, k), tile) for k in range(card.views)]
+    bar = progress(total=card.views * n + sum(map(len, gru_boxes)), desc="tiles", unit="step") if progress else None
+    for k in range(card.views):
+        vsize = view_size(size, k)
+        z = half_resolution_stack(fe, stack, k, size, device, fe_workers)
+        if bar:
+            bar.update(n)
+        for box in gru_boxes[k]:
+            window = grow_box(box, reach, vsize)
+            inner = (box[0] - window[0], box[1] - window[0], box[2] - window[2], box[3] - window[2])
+            feats = features_on(z, window, workers)
+            # Its own tiles start at the box corner: the whole image's, for tiles planned as multiples of theirs.
+            logits = gru_logits(bigru, feats, precision, workers=workers, region=inner)
+            del feats
+            part = unview(logits[:, inner[0]:inner[1], inner[2]:inner[3]], k)
+            y0, y1, x0, x1 = unview_box(box, k, size)
+            total[:, y0:y1, x0:x1] += part.cpu()
+            del logits, part
+            return_freed_memory()
+            if bar:
+                bar.update()
+        del z
+        return_freed_memory()
+    if card.views > 1:
+        total /= card.views
+    return (lambda box, around: total[:, around[0]:around[1], around[2]:around[3]].to(device)), bar
+
+
+def _context_tile_logits(model, card, stack, size, max_memory, tile, halo, stat_passes, precision, chunk,
+                         progress, stats_tile, held):
+    """Context tiles (``tiled_fuse``): the statistics passes, then -> (a function (box, around) -> the
+    focus logits on ``around``, averaged over the card's views; the tile side; the progress bar)."""
+    n = stack.shape[0]
+    device = next(model.parameters()).device
+    workers = torch.get_num_threads() if device.type == "cpu" else 1
+    halo = DEFAULT_FEATURE_HALO if halo is None else halo
+    blends, fusion_halo = bool(card.fusion_temperature), card.halo()
+    # Each GRU step sees two pixels further; a blend needs logits fusion_halo px beyond the tile.
+    gru_halo = next_multiple(2 * n + fusion_halo)
+    if tile is None:
+        tile = (plan_tiles(size, n, max_memory, held, halo, gru_halo, chunk, workers, fusion_halo, blends)
+                if max_memory else 512)
+    if stats_tile is None:
+        stats_tile = plan_stats_tile(size, max_memory, held, halo, chunk)
+    if stats_tile >= max(size):
+        stat_passes = 1                 # one tile: its own statistics are the image's
+    if tile % SIZE_MULTIPLE or halo % SIZE_MULTIPLE:
+        raise ValueError(f"tile ({tile}) and halo ({halo}) must be multiples of {SIZE_MULTIPLE}")
+    fe = model.feature_extraction
+    bigru = model.layer_interaction.layer_interaction_depth
+    boxes = tile_boxes(size, tile)
+    stats_boxes = [tile_boxes(view_size(size, k), stats_tile) for k in range(card.views)]
+    total_steps = card.views * len(boxes) + stat_passes * sum(map(len, stats_boxes))
+    bar = progress(total=total_steps, desc="tiles", unit="tile") if progress else None
+
+    def features(k, crop, interior, given, collect, keep=None):
+        """Run the feature extractor on ``crop`` of view k, one chunk of slices at a time.
+
+        Returns the (N, 8, h, w) features of the ``keep`` window only (the
+        halo beyond it served the extractor's context), or None without one
+        (statistics passes)."""
+        kept = None
+        for s in range(0, n, chunk):
+            sl = slice(s, min(n, s + chunk))
+            x = view_input(stack[sl], k, crop, size, device)
+            ctx = TileContext(crop, interior, view_size(size, k), sl, given, collect)
+            part = extract_features(fe, x, ctx)
+            del x
+            return_freed_memory()
+            if keep is not None:
+                if kept is None:
+                    kept = part.new_empty((n, part.shape[1], keep[1] - keep[0], keep[3] - keep[2]))
+                kept[sl] = part[:, :, keep[0] - crop[0]:keep[1] - crop[0], keep[2] - crop[2]:keep[3] - crop[2]]
+            del part
+        return kept
+
+    given = []
+    for k in range(card.views):
+        view_given = None
+        for _ in range(stat_passes):
+            collect = StatsAccumulator(n)
+            for box in stats_boxes[k]:
+                # Only the statistics are kept: the GRU needs no extra halo here.
+                features(k, grow_box(box, halo, view_size(size, k)), box, view_given, collect)
+                if bar:
+                    bar.update()
+            view_given = collect.finish()
+        given.append(view_given)
+
+    def tile_logits(box, around):
+        """Focus logits (N, h, w) on ``around`` (``box`` grown by at most 32 px), averaged over the
+        card's views as ``fusion.view_logits`` does."""
+        total = None
+        for k in range(card.views):
+            inner = view_box(around, k, size)
+            window = grow_box(view_box(box, k, size), gru_halo, view_size(size, k))   # the GRU is exact on inner
+            crop = grow_box(window, halo, view_size(size, k))                  # what the extractor needs around it
+            feats = features(k, crop, inner, given[k], None, keep=window)   # (N, 8, h, w) on the window
+            logits = gru_logits(bigru, feats, precision, workers=workers, bounded=True)
+            del feats
+            part = unview(logits[:, inner[0] - window[0]:inner[1] - window[0],
+                                 inner[2] - window[2]:inner[3] - window[2]], k)
+            total = part if total is None else total + part
+            if bar:
+                bar.update()
+        return total / card.views if card.views > 1 else total
+
+    return tile_logits, tile, bar

@@ -240,3 +240,42 @@ def test_view_boxes_name_the_same_pixels():
         seen = view_box(box, k, (6, 10))
         assert torch.equal(view(image, k)[:, seen[0]:seen[1], seen[2]:seen[3]], view(image[:, 1:4, 2:7], k)), k
         assert unview_box(seen, k, (6, 10)) == box
+
+
+def test_exact_tiles_give_the_whole_image_logits():
+    """The exact path (whole-image extractor at half resolution, GRU in tiles grown by its reach) on
+    3 x 4 tiles of 64 px and the shipped card at 4 views: the whole image's logits up to float rounding
+    (measured 2.0e-4 at most: ebn1's statistics are summed over strips in float64, F.group_norm's in
+    float32, and t_1's relative difference of 2e-7 grows through the network)."""
+    import cv2
+    from inference import focus_logits
+    from tiling import exact_logits
+    from utils import read_stack
+    images, _ = read_stack(REPO / "examples" / "coffee_stack")
+    gray = np.stack([cv2.resize(cv2.cvtColor(im, cv2.COLOR_BGR2GRAY), (256, 192), interpolation=cv2.INTER_AREA)
+                     for im in images[::2]])
+    model, card = load_model(DEFAULT_MODEL), FusionCard.beside(DEFAULT_MODEL).with_overrides(views=4)
+    assert card.views == 4
+    whole = focus_logits(model, card, torch.from_numpy(gray).float()[None] / 255)[0]
+    threads = torch.get_num_threads()
+    with torch.inference_mode():
+        logits_on, _ = exact_logits(model, card, gray, (192, 256), 64, 2, 2, "fp32", None)
+        tiled = logits_on(None, (0, 192, 0, 256))
+    assert torch.get_num_threads() == threads                # the one-thread jobs restored it
+    assert (tiled - whole).abs().max().item() <= 1e-3
+    assert (tiled.argmax(0) == whole.argmax(0)).float().mean().item() >= 0.999
+
+
+def test_exact_path_plan_fits_or_gives_way():
+    from memory import GIB
+    from tiling import _FIXED_BYTES, half_resolution_bytes, plan_half_resolution, plan_tiles
+    size, held = (1152, 1536), 148 * 2 ** 20          # 6 slices of 1521 x 1141 and the blend at --max_memory 1
+    side, fe_workers = plan_half_resolution(size, 6, 1.0, held, workers=2, fusion_halo=8, blends=True)
+    assert side % 128 == 0 and fe_workers in (1, 2)              # whole GRU tiles of 128 px for 6 slices
+    budget = GIB - held - _FIXED_BYTES
+    assert half_resolution_bytes(side, size, 6, fe_workers, 2, 8, True) <= budget
+    assert half_resolution_bytes(side + 128, size, 6, 1, 2, 8, True) > budget
+    assert plan_half_resolution(size, 6, None, held) == (1536, 1)   # no bound: the whole image, one tile
+    # 24 MP x 30 slices under 8 GiB: z and the logits alone (8.7 GB) do not fit; context tiles do.
+    assert plan_half_resolution((4000, 6016), 30, 8, 3 * GIB, workers=2) is None
+    assert plan_tiles((4000, 6016), 30, 8, 3 * GIB, 160, 64) >= 32
