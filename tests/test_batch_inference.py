@@ -7,6 +7,7 @@ fixed seed) carry planted bad scenes; real stacks and Lytro pairs from
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -277,6 +278,12 @@ class TestReaderWorkersDefault:
 ONE_THREAD = dict(os.environ, OMP_NUM_THREADS="1")
 
 
+def default_sigint():
+    # A test run started in the background (`cmd &`) inherits SIGINT ignored, and Python then
+    # keeps ignoring it; a user's Ctrl-C reaches a process that has the default.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_cli(script, *argv):
     return subprocess.run([sys.executable, str(REPO / script), *map(str, argv)], cwd=REPO, env=ONE_THREAD,
                           capture_output=True, text=True, timeout=120)
@@ -444,7 +451,6 @@ class TestInterruption:
 
     @pytest.mark.parametrize("how", ["SIGTERM to the process", "Ctrl-C (SIGINT to the group, reader workers)"])
     def test_killed_process_leaves_whole_files_and_resumes(self, tmp_path, weights, how):
-        import signal
         import time
         stacks = tmp_path / "data" / "syn" / "dof_stack"
         scenes, side = [f"s{k}" for k in range(40)], 160
@@ -459,7 +465,7 @@ class TestInterruption:
              "--test_datasets", "syn", "--model_path", str(weights), "--output_dir", str(out),
              "--run_name", "r", "--num_workers", workers, "--device", "cpu"],
             cwd=REPO, env=ONE_THREAD, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            start_new_session=True)
+            start_new_session=True, preexec_fn=default_sigint)
         fused = out / "r" / "syn" / "fused_images"
         deadline = time.monotonic() + 120
         while process.poll() is None and time.monotonic() < deadline:
