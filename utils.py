@@ -773,5 +773,11 @@ def run_cli(main_fn, parser):
         sys.exit(2)
     except KeyboardInterrupt:
         _close_progress_bars()
-        print("interrupted", file=sys.stderr)
+        # Straight to the file descriptor: the interrupt may have cut a write of the
+        # buffered stderr (a progress bar's), whose later output can then be lost.
+        try:
+            sys.stderr.flush()
+        except (OSError, ValueError, RuntimeError):
+            pass
+        os.write(2, b"interrupted\n")
         sys.exit(130)
