@@ -339,8 +339,6 @@ def scd(source_a, source_b, fused) -> float:
     return _correlation(fused - source_b, source_a) + _correlation(fused - source_a, source_b)
 
 
-# ----------------------------------------------------------------------------- registry
-
 # ----------------------------------------------------------------------------- depth maps in slices
 # Rule E of docs/notes/real-optics-fusion.md: depth in slice units (index 0..N-1, or depth x (N - 1)).
 
@@ -371,6 +369,8 @@ def slice_mae(slices, true_index, where=None) -> float:
     error = np.abs(np.asarray(slices, dtype=np.float64) - np.asarray(true_index, dtype=np.float64))
     return float(error.mean() if where is None else error[where].mean())
 
+
+# ----------------------------------------------------------------------------- registry
 
 @dataclass(frozen=True)
 class Metric:
