@@ -153,10 +153,12 @@ class _SplitCell:
         gates, can = cell.conv_gates, cell.conv_can
         self.hidden = cell.hidden_channels
         self.reach = gates.padding[0]           # 1 for the released 3x3 kernels
-        self.w_x = torch.cat((gates.weight[:, :input_channels], can.weight[:, :input_channels]))
-        self.b_x = torch.cat((gates.bias, can.bias))
+        # tanh(a) = 2 sigmoid(2a) - 1, and the 2a folds into the candidate's weights:
+        # on CPU sigmoid costs a third of tanh, which was a sixth of the GRU's time.
+        self.w_x = torch.cat((gates.weight[:, :input_channels], 2 * can.weight[:, :input_channels]))
+        self.b_x = torch.cat((gates.bias, 2 * can.bias))
         self.w_gates_h = gates.weight[:, input_channels:].contiguous(memory_format=CHANNELS_LAST)
-        self.w_can_h = can.weight[:, input_channels:].contiguous(memory_format=CHANNELS_LAST)
+        self.w_can_h = (2 * can.weight[:, input_channels:]).contiguous(memory_format=CHANNELS_LAST)
         self.w_x = self.w_x.contiguous(memory_format=CHANNELS_LAST)
 
     def step(self, x, h, h_box, box, size):
@@ -177,14 +179,16 @@ class _SplitCell:
         # and gates stay float32: the recurrence over N slices would otherwise
         # accumulate rounding error. In-place updates: the step is memory-bound.
         if h is None:                                      # zero state: r * h = 0, (1 - z) * h = 0
-            return torch.sigmoid(gx[:, ch:2 * ch][inner]).mul_(torch.tanh(gx[:, 2 * ch:][inner]))
+            candidate = torch.sigmoid(gx[:, 2 * ch:][inner]).mul_(2).sub_(1)
+            return candidate.mul_(torch.sigmoid(gx[:, ch:2 * ch][inner]))
         gates = F.conv2d(_window(h, h_box, grow_box(gate_box, r), size), self.w_gates_h).float()
         gates.add_(gx[:, :2 * ch]).sigmoid_()
         reset_h = gates[:, :ch].mul_(_window(h, h_box, gate_box, size))
         candidate = F.conv2d(_window(reset_h, gate_box, grow_box(box, r), size), self.w_can_h).float()
-        candidate.add_(gx[:, 2 * ch:][inner]).tanh_()
+        candidate.add_(gx[:, 2 * ch:][inner]).sigmoid_()     # c = 2 candidate - 1
         h = _window(h, h_box, box, size)
-        return candidate.sub_(h).mul_(gates[:, ch:][inner]).add_(h)   # (1 - z) h + z c = h + z (c - h)
+        # (1 - z) h + z c = h + z (c - h), with c - h = 2 candidate - (h + 1)
+        return candidate.mul_(2).sub_(h).sub_(1).mul_(gates[:, ch:][inner]).add_(h)
 
 
 def _gru_tile(cells, features, interior, size, out, precision="fp32"):
