@@ -118,12 +118,12 @@ def fuse_gray_batch(model, card: FusionCard, gray, device=None, max_memory=None,
     if not max_memory and device.type == "cpu":
         max_memory = memory_guard(b * n * net_h * net_w)
     if max_memory:
-        if card.fusion_temperature and (net_h, net_w) != (h, w):
-            tqdm.write(f"tiled: the blend is decoded at {net_w}x{net_h} (the network's size) "
-                       f"and resized back, not at the input's {w}x{h} as the whole image is")
         tiled = [tiled_fuse(model, card, stack, max_memory=max_memory, precision=precision, progress=tqdm,
                             reserved_bytes=reserved_bytes)
                  for stack in gray]
+        if card.fusion_temperature and tiled[0].fused.shape[-2:] != (h, w):     # context tiles decode at (H', W')
+            tqdm.write(f"tiled: the blend was decoded at {net_w}x{net_h} (the network's size) "
+                       f"and resized back, not at the input's {w}x{h} as the whole image is")
         fused, depth, index = (torch.cat(parts) for parts in list(zip(*tiled))[:3])
         weights = None if tiled[0].weights is None else torch.cat([t.weights for t in tiled])
     else:

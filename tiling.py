@@ -79,6 +79,20 @@ def _to_float(array) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)) / scale
 
 
+def resized_crop(read, in_size, out_size, rows, cols) -> torch.Tensor:
+    """Rows and cols (start, stop) of an image of ``in_size`` (H, W) resized bilinearly to ``out_size``
+    (align_corners=False, as ``F.interpolate``), reading only the source window they need:
+    read(y0, y1, x0, x1) -> float tensor (C, y1 - y0, x1 - x0). Returns (C, rows, cols)."""
+    if tuple(in_size) == tuple(out_size):
+        return read(rows[0], rows[1], cols[0], cols[1])
+    pos_y = _resize_positions(rows[0], rows[1] - rows[0], in_size[0], out_size[0])
+    pos_x = _resize_positions(cols[0], cols[1] - cols[0], in_size[1], out_size[1])
+    y0, y1 = int(pos_y[0].floor()), min(in_size[0], int(pos_y[-1].floor()) + 2)
+    x0, x1 = int(pos_x[0].floor()), min(in_size[1], int(pos_x[-1].floor()) + 2)
+    crop = read(y0, y1, x0, x1)
+    return _lerp_along(_lerp_along(crop, 1, pos_y - y0), 2, pos_x - x0)
+
+
 def network_input_crop(stack, rows, cols, size) -> torch.Tensor:
     """Rows and cols (start, stop) of the stack resized to ``size`` (H', W').
 
@@ -86,16 +100,8 @@ def network_input_crop(stack, rows, cols, size) -> torch.Tensor:
     (N, 1, rows, cols) float32 in [0, 1]: only the source pixels the crop
     needs are converted, so the stack can stay in its integer type.
     """
-    n, h, w = stack.shape
-    if (h, w) == tuple(size):
-        return _to_float(stack[:, rows[0]:rows[1], cols[0]:cols[1]])[:, None]
-    pos_y = _resize_positions(rows[0], rows[1] - rows[0], h, size[0])
-    pos_x = _resize_positions(cols[0], cols[1] - cols[0], w, size[1])
-    y0, y1 = int(pos_y[0].floor()), min(h, int(pos_y[-1].floor()) + 2)
-    x0, x1 = int(pos_x[0].floor()), min(w, int(pos_x[-1].floor()) + 2)
-    crop = _to_float(stack[:, y0:y1, x0:x1])
-    crop = _lerp_along(crop, 1, pos_y - y0)
-    return _lerp_along(crop, 2, pos_x - x0)[:, None]
+    return resized_crop(lambda y0, y1, x0, x1: _to_float(stack[:, y0:y1, x0:x1]), stack.shape[1:], size,
+                        rows, cols)[:, None]
 
 
 class TileContext:
@@ -397,6 +403,7 @@ def plan_half_resolution(size, num_slices, max_memory=None, fixed_bytes=0, worke
     be, so that these are the whole image's."""
     budget = max_memory * GIB - fixed_bytes - _FIXED_BYTES if max_memory else math.inf
     whole, small = next_multiple(max(size)), gru_tile_side(num_slices)
+    smallest = min(smallest, whole)           # an image smaller than that is one tile
     best = None
     for fe_workers in sorted({1, workers}):
         side = whole
@@ -441,8 +448,11 @@ def tiled_fuse(model, card, stack, max_memory=None, tile=None, halo=None, stat_p
 
     ``reserved_bytes``: memory the caller holds meanwhile (e.g. the colour
     slices kept for the colour fused image), taken out of ``max_memory``.
-    Returns ``fusion.Fused`` at (H', W') with a batch of one; a blend keeps
-    its weights (N full-size maps, counted in the memory plan).
+    Returns ``fusion.Fused`` with a batch of one at (H', W'), except a blend
+    on the exact path: like the whole image's, it is decoded at the input
+    size (H, W) from the logits resized back, since resampling the fused
+    image would soften it. A blend keeps its weights (N full-size maps,
+    counted in the memory plan).
     """
     n, h, w = stack.shape
     size = (next_multiple(h), next_multiple(w))
@@ -466,14 +476,17 @@ def tiled_fuse(model, card, stack, max_memory=None, tile=None, halo=None, stat_p
         else:
             logits_on, tile, bar = _context_tile_logits(model, card, stack, size, max_memory, tile, halo, stat_passes,
                                                    precision, chunk, progress, stats_tile, held)
-        boxes = tile_boxes(size, tile)
-        number = torch.empty(size, dtype=torch.float32)          # expected slice number in [1, N] (argmax: index)
-        fused = torch.empty((1, 1) + size, dtype=torch.float32)
-        weights = torch.empty((1, n) + size, dtype=torch.float32) if blends else None
-        confidence = torch.empty((1, 1) + size, dtype=torch.float32) if refines else None
+        # The exact path holds the whole image's logits, so a blend can be decoded at the input size.
+        out = (h, w) if plan and blends else size
+        boxes = tile_boxes(out, tile)
+        number = torch.empty(out, dtype=torch.float32)           # expected slice number in [1, N] (argmax: index)
+        fused = torch.empty((1, 1) + out, dtype=torch.float32)
+        weights = torch.empty((1, n) + out, dtype=torch.float32) if blends else None
+        confidence = torch.empty((1, 1) + out, dtype=torch.float32) if refines else None
         for box in boxes:
-            around = grow_box(box, fusion_halo, size)              # what the blend needs
-            logits = logits_on(box, around)
+            around = grow_box(box, fusion_halo, out)               # what the blend needs
+            logits = resized_crop(lambda y0, y1, x0, x1: logits_on(box, (y0, y1, x0, x1)), size, out,
+                                  (around[0], around[1]), (around[2], around[3]))     # (the exact path ignores box)
             inside = (slice(box[0] - around[0], box[1] - around[0]), slice(box[2] - around[2], box[3] - around[2]))
             inner = logits[(slice(None),) + inside]
             if card.index_rule == "argmax":   # per pixel: no image-wide statistic needed
@@ -481,7 +494,7 @@ def tiled_fuse(model, card, stack, max_memory=None, tile=None, halo=None, stat_p
             else:
                 number[box[0]:box[1], box[2]:box[3]] = expected_slice_number(inner[None])[0, 0].cpu()
             if blends:
-                x = network_input_crop(stack, (around[0], around[1]), (around[2], around[3]), size)[:, 0]
+                x = network_input_crop(stack, (around[0], around[1]), (around[2], around[3]), out)[:, 0]
                 part, part_weights = blended_image(x[None].to(logits.device), logits[None], card)
                 fused[:, :, box[0]:box[1], box[2]:box[3]] = part[(slice(None), slice(None)) + inside].cpu()
                 weights[:, :, box[0]:box[1], box[2]:box[3]] = part_weights[(slice(None), slice(None)) + inside].cpu()
@@ -500,7 +513,7 @@ def tiled_fuse(model, card, stack, max_memory=None, tile=None, halo=None, stat_p
         else:
             lo, hi = number.min(), number.max()
             depth = number.sub_(lo).div_((hi - lo).clamp_min(1e-12))   # in place: one full-size float map
-            index = depth_to_index(depth[None, None], n)[0]            # (H', W')
+            index = depth_to_index(depth[None, None], n)[0]            # (H', W') or (H, W)
         if not blends:
             for box in boxes:
                 rows, cols = (box[0], box[1]), (box[2], box[3])
@@ -509,7 +522,7 @@ def tiled_fuse(model, card, stack, max_memory=None, tile=None, halo=None, stat_p
                     x[None], index[None, box[0]:box[1], box[2]:box[3]])[0, 0]
         depth = depth[None, None]
         if refines:
-            depth = refined_tiles(fused, index[None], confidence, n, boxes, size)
+            depth = refined_tiles(fused, index[None], confidence, n, boxes, out)
     return Fused(fused, depth, index[None], weights)
 
 

@@ -57,10 +57,15 @@ def test_memory_guard_tiles_a_stack_too_big_for_a_fake_budget(random_model, monk
     assert np.mean(tiled.index == whole.index) >= 0.99
 
 
-def test_tiled_blend_at_an_odd_size_says_what_it_does_otherwise(random_model, capsys):
+def test_tiled_blend_at_an_odd_size_says_what_it_does_otherwise(random_model, capsys, monkeypatch):
+    import tiling
     slices = textured_stack(num_slices=3, height=40, width=48)
-    fuse_images(random_model, BLEND, slices, max_memory=2.0)
+    fuse_images(random_model, BLEND, slices, max_memory=2.0)       # the exact path decodes at 48 x 40
+    assert "tiled:" not in capsys.readouterr().out
+    monkeypatch.setattr(tiling, "plan_half_resolution", lambda *args, **kwargs: None)   # context tiles
+    result = fuse_images(random_model, BLEND, slices, max_memory=2.0)
     lines = capsys.readouterr().out.strip().splitlines()
     assert [line for line in lines if line.startswith("tiled:") and "64x64" in line and "48x40" in line]
+    assert result.fused_gray.shape == (40, 48)
     fuse_images(random_model, BLEND, textured_stack(num_slices=3, height=64, width=64), max_memory=2.0)
     assert "tiled:" not in capsys.readouterr().out
