@@ -225,9 +225,10 @@ def _gru_tile_steps(cells, features, interior, size, out):
 def gru_tile_side(num_slices: int) -> int:
     """Interior side of the GRU tiles: small enough for the 16-channel states
     to stay in cache, large enough for the halo (about N pixels on every side
-    on average) to stay cheap. Measured on CPU, one thread, 1 MP: 128 best
-    for 8 slices, 256 for 16."""
-    return min(256, max(128, 16 * num_slices))
+    on average) to stay cheap. Measured on the 2-core Zen 2 CPU, 1 MP, two
+    workers: 256 best from 4 to 16 slices (8 slices: 4.8 s against 5.5 s in
+    128-px tiles); an earlier machine had preferred 128 up to 8 slices."""
+    return 256
 
 
 def gru_logits(bigru, features: torch.Tensor, precision: str = "fp32", tile: int = None,
