@@ -22,6 +22,11 @@ import torch.nn.functional as F
 from memory import reuse_freed_memory, then_return_freed_memory
 
 NUM_LEVELS = 5          # the encoder halves the size five times (hence sizes in multiples of 32)
+# Interior side of the GRU's CPU tiles: small enough for the 16-channel states to stay in cache, large
+# enough for the halo (about N px a side on average) to stay cheap. On the 2-core Zen 2 CPU, 1 MP, two
+# workers, 256 was best from 4 to 16 slices (8: 4.8 s against 5.5 s at 128; an earlier machine preferred
+# 128 up to 8 slices).
+GRU_TILE_SIDE = 256
 PRECISIONS = ("fp32", "bf16", "fp16")
 CHANNELS_LAST = torch.channels_last
 
@@ -222,21 +227,12 @@ def _gru_tile_steps(cells, features, interior, size, out):
         kept[t] = None
 
 
-def gru_tile_side(num_slices: int) -> int:
-    """Interior side of the GRU tiles: small enough for the 16-channel states
-    to stay in cache, large enough for the halo (about N pixels on every side
-    on average) to stay cheap. Measured on the 2-core Zen 2 CPU, 1 MP, two
-    workers: 256 best from 4 to 16 slices (8 slices: 4.8 s against 5.5 s in
-    128-px tiles); an earlier machine had preferred 128 up to 8 slices."""
-    return 256
-
-
 def gru_logits(bigru, features: torch.Tensor, precision: str = "fp32", tile: int = None,
                workers: int = 1, bounded: bool = False, region=None) -> torch.Tensor:
     """``LayerInteraction`` of one stack: bidirectional ConvGRU, then max over channels.
 
     bigru: a BidirectionalConvGRU; features (N, 8, H, W). Returns logits (N, H, W) float32.
-    The image is cut into tiles of ``tile`` pixels (default: ``gru_tile_side``
+    The image is cut into tiles of ``tile`` pixels (default: ``GRU_TILE_SIDE``
     on CPU, the whole image elsewhere) that are computed exactly (see ``_gru_tile``) and independently, by
     ``workers`` threads. ``region`` (y0, y1, x0, x1): only its pixels are
     computed (the rest of the logits is left unset), its tiles counted from its corner.
@@ -245,7 +241,7 @@ def gru_logits(bigru, features: torch.Tensor, precision: str = "fp32", tile: int
     """
     n, cin, h, w = features.shape
     if tile is None:        # on GPUs small tiles would only add kernel launches: one tile
-        tile = gru_tile_side(n) if features.device.type == "cpu" else max(h, w)
+        tile = GRU_TILE_SIDE if features.device.type == "cpu" else max(h, w)
     y0, y1, x0, x1 = region or (0, h, 0, w)
     cells = (_SplitCell(bigru.forward_cell_list[0], cin), _SplitCell(bigru.backward_cell_list[0], cin))
     logits = features.new_empty((n, h, w), dtype=torch.float32)

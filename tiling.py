@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from fast_inference import (CHANNELS_LAST, WholeImage, extract_features, first_level, grow_box, gru_logits,
-                            gru_tile_side, half_resolution_features, run_jobs, tile_boxes)
+                            GRU_TILE_SIDE, half_resolution_features, run_jobs, tile_boxes)
 from fusion import (DEPTH_RADIUS, Fused, blended_image, depth_confidence, guided_filter_reach, refined_depth, unview,
                     view)
 from memory import GIB, return_freed_memory
@@ -221,7 +221,7 @@ def tile_bytes(tile: int, num_slices: int, feature_halo: int, gru_halo: int, chu
 
 def _gru_worker_bytes(num_slices, window):
     """One GRU worker thread's own small tile on a window of side ``window`` (see ``tile_bytes``)."""
-    small = min(gru_tile_side(num_slices), window)
+    small = min(GRU_TILE_SIDE, window)
     return 4 * (24 * num_slices * small ** 2 + 150 * (small + 4 * num_slices) ** 2)
 
 
@@ -399,10 +399,10 @@ def plan_half_resolution(size, num_slices, max_memory=None, fixed_bytes=0, worke
     or None when even ``smallest`` tiles do not fit (then the context tiles run).
 
     The largest tile first (the GRU's halo is 2 (N - 1) px a side), then the most extractor threads.
-    A tile smaller than the image is a multiple of the GRU's own tiles (``gru_tile_side``) where it can
+    A tile smaller than the image is a multiple of the GRU's own tiles (``GRU_TILE_SIDE``) where it can
     be, so that these are the whole image's."""
     budget = max_memory * GIB - fixed_bytes - _FIXED_BYTES if max_memory else math.inf
-    whole, small = next_multiple(max(size)), gru_tile_side(num_slices)
+    whole, small = next_multiple(max(size)), GRU_TILE_SIDE
     smallest = min(smallest, whole)           # an image smaller than that is one tile
     best = None
     for fe_workers in sorted({1, workers}):

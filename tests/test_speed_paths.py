@@ -290,12 +290,11 @@ def test_exact_tiles_decode_a_blend_at_the_input_size(monkeypatch):
 
 def test_exact_path_plan_fits_or_gives_way():
     from memory import GIB
-    from fast_inference import gru_tile_side
+    from fast_inference import GRU_TILE_SIDE
     from tiling import _FIXED_BYTES, half_resolution_bytes, plan_half_resolution, plan_tiles
     size, held = (1152, 1536), 148 * 2 ** 20          # 6 slices of 1521 x 1141 and the blend at --max_memory 1
     side, fe_workers = plan_half_resolution(size, 6, 1.0, held, workers=2, fusion_halo=8, blends=True)
-    small = gru_tile_side(6)
-    assert side % 32 == 0 and (side % small == 0 or side < small) and fe_workers in (1, 2)   # whole GRU tiles
+    assert side % 32 == 0 and (side % GRU_TILE_SIDE == 0 or side < GRU_TILE_SIDE) and fe_workers in (1, 2)   # whole GRU tiles
     budget = GIB - held - _FIXED_BYTES
     assert half_resolution_bytes(side, size, 6, fe_workers, 2, 8, True) <= budget
     assert half_resolution_bytes(side + 128, size, 6, 1, 2, 8, True) > budget
