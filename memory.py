@@ -6,7 +6,7 @@ keeps the tiled path within ``--max_memory``.
 import ctypes
 
 GIB = 1024 ** 3
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3       # glibc's mallopt parameters
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8       # glibc's mallopt parameters
 
 
 def _glibc():
@@ -18,6 +18,13 @@ def _glibc():
 
 _LIBC = _glibc()
 _MALLOC_TUNED = []
+
+# One heap for every thread, set on import, before OpenCV's, PyTorch's and the
+# workers' threads first allocate: a thread's own arena (64 MB heaps) hands
+# large tensors fresh pages from the kernel each time. 16 x 1 MP end to end:
+# 1.1 million page faults -> 0.43 million, 2-5 s of system time less.
+if _LIBC is not None and hasattr(_LIBC, "mallopt"):
+    _LIBC.mallopt(_M_ARENA_MAX, 1)
 
 
 def reuse_freed_memory():
