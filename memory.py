@@ -40,7 +40,7 @@ def reuse_freed_memory():
     _MALLOC_TUNED.append(True)
     if _LIBC is not None and hasattr(_LIBC, "mallopt"):
         _LIBC.mallopt(_M_MMAP_THRESHOLD, GIB)
-        _LIBC.mallopt(_M_TRIM_THRESHOLD, 2 * GIB)
+        _LIBC.mallopt(_M_TRIM_THRESHOLD, 2 ** 31 - 1)      # mallopt takes a C int: the largest
 
 
 def return_freed_memory():

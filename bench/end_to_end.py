@@ -11,7 +11,8 @@ Runs, each in a fresh process and timed from its start (imports included):
   the min-max rounded index, the same six outputs written.
 
 Prints wall and CPU seconds (user + system of the child, steadier on a loaded
-machine), peak RSS, and the released time over the default's. Exits 2 when the
+machine), peak RSS, page faults (minor + major: fresh pages, each mapped and
+zeroed by the kernel) and the released time over the default's. Exits 2 when the
 official weights or the input are missing, 1 when a pipeline fails.
 """
 import argparse
@@ -63,7 +64,7 @@ def make_stack(folder, slices=16, side=1024):
 
 
 def timed(command):
-    """Run ``command``; (wall s, CPU s and peak RSS MB of that child alone)."""
+    """Run ``command``; (wall s, CPU s, peak RSS MB and page faults of that child alone)."""
     start = time.perf_counter()
     child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     stderr = child.stderr.read()
@@ -73,7 +74,7 @@ def timed(command):
     if child.returncode:
         lines = stderr.strip().splitlines() or [f"exit status {child.returncode}"]
         sys.exit(f"error: {Path(command[1]).name} failed: {lines[-1]}")
-    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
+    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, usage.ru_minflt + usage.ru_majflt
 
 
 def main(args):
@@ -97,14 +98,14 @@ def main(args):
         for _ in range(args.repeats):
             for name, command in commands.items():
                 load = os.getloadavg()[0]
-                wall, cpu, rss = timed(command)
+                wall, cpu, rss, faults = timed(command)
                 if name not in best or wall < best[name][0]:
-                    best[name] = (wall, cpu, rss, load)
+                    best[name] = (wall, cpu, rss, faults, load)
     print(f"{len(names)} slices from {stack if args.input_dir else 'examples/coffee_stack (1024 x 1024)'}")
-    print(f"{'pipeline':<10} {'wall s':>8} {'cpu s':>8} {'peak RSS MB':>12} {'load':>5}")
-    for name, (wall, cpu, rss, load) in best.items():
-        print(f"{name:<10} {wall:>8.2f} {cpu:>8.2f} {rss:>12.0f} {load:>5.2f}")
-    (dw, dc, _, _), (rw, rc, _, _) = best["default"], best["released"]
+    print(f"{'pipeline':<10} {'wall s':>8} {'cpu s':>8} {'peak RSS MB':>12} {'page faults':>12} {'load':>5}")
+    for name, (wall, cpu, rss, faults, load) in best.items():
+        print(f"{name:<10} {wall:>8.2f} {cpu:>8.2f} {rss:>12.0f} {faults:>12,} {load:>5.2f}")
+    (dw, dc, *_), (rw, rc, *_) = best["default"], best["released"]
     print(f"released / default: {rw / dw:.2f}x wall, {rc / dc:.2f}x CPU time")
 
 

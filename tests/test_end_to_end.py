@@ -33,4 +33,5 @@ def test_both_pipelines_run_on_a_small_stack_and_the_ratio_is_printed(tmp_path, 
     out = capsys.readouterr().out.splitlines()
     rows = {line.split()[0]: line.split() for line in out[2:4]}
     assert set(rows) == {"default", "released"} and all(float(r[1]) > 0 and float(r[2]) > 0 for r in rows.values())
+    assert all(int(r[4].replace(",", "")) > 1000 for r in rows.values())      # page faults: a process maps pages
     assert out[-1].startswith("released / default: ") and out[-1].endswith("x CPU time")
