@@ -1,7 +1,8 @@
 """glibc allocator tuning for the CPU inference paths (no-ops where glibc is not the allocator).
 
-``reuse_freed_memory`` makes the whole-image fast path faster; ``return_freed_memory``
-keeps the tiled path within ``--max_memory``.
+Importing this module makes every thread allocate from glibc's main heap
+(``M_ARENA_MAX`` 1, see below). ``reuse_freed_memory`` makes the whole-image
+fast path faster; ``return_freed_memory`` keeps the tiled path within ``--max_memory``.
 """
 import ctypes
 
