@@ -2,9 +2,10 @@
 
 The two scripts differ only in how they find scenes in a dataset folder; this
 module does the rest, once: shard the scenes over torchrun ranks, skip scenes
-already done, read scenes in DataLoader workers, batch stacks of one size and
-length, run inference.fuse_gray_batch, write the six released outputs
-atomically, time the forward pass and report failures.
+already done, read scenes in reader processes (readers.py: a reader that dies
+is replaced), batch stacks of one size and length, run
+inference.fuse_gray_batch, write the six released outputs atomically, time
+the forward pass and report failures.
 
 Output layout, as released::
 
@@ -25,13 +26,13 @@ from typing import Callable, List, Optional
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from inference import (FUSED_KINDS, OUTPUT_KINDS, add_model_arguments, fuse_gray_batch, model_from_args, render_outputs,
                        write_outputs)
 from fusion import FusionCard
 from exposure import add_exposure_argument, match_exposure
+from readers import ReaderDied, ReaderStartError, ReadInOrder
 from Registration import add_align_argument, align_stack
 from utils import (InputError, add_output_format_arguments, ensure_output_dir, output_format_from_args, select_device,
                    stack_to_tensor, write_text)
@@ -82,7 +83,7 @@ def add_common_args(parser, default_output: str, default_batch: int):
                      help="stacks per forward pass (only stacks of one size and length share a batch)")
     cpus = available_cpus()
     run.add_argument("--num_workers", type=int, default=default_workers(cpus),
-                     help=f"DataLoader processes that read images (0: read in the main process); "
+                     help=f"processes that read images (0: read in the main process); "
                           f"default min(4, CPUs - 1), {default_workers(cpus)} on this machine's {cpus} CPU(s)")
     return parser
 
@@ -116,19 +117,14 @@ def _describe(exc: BaseException) -> str:
     return str(exc) if isinstance(exc, InputError) else f"{type(exc).__name__}: {exc}"
 
 
-class SceneReader(Dataset):
-    """Reads scenes (in DataLoader workers); a bad scene comes back with its error, never raises."""
+class SceneReader:
+    """Reads a scene (in a reader process): a bad scene comes back with its error, never raises."""
 
-    def __init__(self, scenes: List[Scene], align: str = "none", match_exposure: bool = False):
-        self.scenes = scenes
+    def __init__(self, align: str = "none", match_exposure: bool = False):
         self.align = align
         self.match_exposure = match_exposure
 
-    def __len__(self):
-        return len(self.scenes)
-
-    def __getitem__(self, i) -> LoadedScene:
-        scene = self.scenes[i]
+    def __call__(self, scene: Scene) -> LoadedScene:
         if scene.error:
             return LoadedScene(scene.name, error=scene.error)
         try:
@@ -141,10 +137,6 @@ class SceneReader(Dataset):
         except Exception as exc:  # one bad scene must not stop the run
             return LoadedScene(scene.name, error=_describe(exc))
         return LoadedScene(scene.name, images=images, metadata=metadata)
-
-
-def _keep_as_is(item):
-    return item
 
 
 def scene_output_paths(dataset_dir: Path, scene: str, fused_suffix: str = ".png") -> dict:
@@ -287,7 +279,8 @@ def run_dataset(model, device, dataset: str, scenes: List[Scene], dataset_dir: P
                 align: str = "none", fuse_options: Optional[dict] = None,
                 card: FusionCard = FusionCard()) -> DatasetReport:
     """Fuse this rank's share of ``scenes`` (every world_size-th, in order), decoded by ``card``
-    (default: the released decoding; main passes the checkpoint's).
+    (default: the released decoding; main passes the checkpoint's), read in ``num_workers``
+    reader processes (readers.ReadInOrder).
 
     fuse_options: keyword arguments for inference.fuse_gray_batch (max_memory, precision)."""
     fuse_options = fuse_options or {}
@@ -304,8 +297,6 @@ def run_dataset(model, device, dataset: str, scenes: List[Scene], dataset_dir: P
         ensure_output_dir(dataset_dir / folder)
     bar = tqdm(total=len(mine), initial=report.skipped, unit="stack",
                desc=dataset if not ranks.distributed else f"{dataset} [rank {ranks.rank}]")
-    loader = DataLoader(SceneReader(todo, align, match_exposure), batch_size=None, shuffle=False,
-                        collate_fn=_keep_as_is, num_workers=min(num_workers, len(todo)))
     pending = {}   # key -> stacks waiting for a full batch
 
     def flush(key):
@@ -316,28 +307,30 @@ def run_dataset(model, device, dataset: str, scenes: List[Scene], dataset_dir: P
             bar.write(f"{dataset}/{name}: {report.failed[name]}")
         bar.update(len(batch))
 
+    def retry(scene, how):
+        bar.write(f"{dataset}/{scene.name}: its reader process {how}; reading it again in a new one")
+
     try:
-        for scene in loader:
-            if scene.error:
-                report.failed[scene.name] = scene.error
-                bar.write(f"{dataset}/{scene.name}: {scene.error}")
-                bar.update(1)
-                continue
-            pending.setdefault(scene.key, []).append(scene)
-            if len(pending[scene.key]) >= batch_size:
-                flush(scene.key)
-            elif sum(map(len, pending.values())) > MAX_PENDING_FACTOR * batch_size:
-                flush(next(iter(pending)))   # bound memory when sizes keep changing
+        with ReadInOrder(SceneReader(align, match_exposure), todo, num_workers, on_retry=retry) as loaded:
+            for scene, read in zip(todo, loaded):
+                if isinstance(read, ReaderDied):
+                    read = LoadedScene(scene.name, error=f"its reader process {read.how} each time it read the "
+                                                         f"scene (--num_workers 0 reads in the main process)")
+                if read.error:
+                    report.failed[read.name] = read.error
+                    bar.write(f"{dataset}/{read.name}: {read.error}")
+                    bar.update(1)
+                    continue
+                pending.setdefault(read.key, []).append(read)
+                if len(pending[read.key]) >= batch_size:
+                    flush(read.key)
+                elif sum(map(len, pending.values())) > MAX_PENDING_FACTOR * batch_size:
+                    flush(next(iter(pending)))   # bound memory when sizes keep changing
         for key in list(pending):
             flush(key)
-    except RuntimeError as exc:
-        # A reader process killed from outside (out of memory, a crash in a
-        # decoder): every file written so far is whole, so the run can resume.
-        if "DataLoader worker" not in str(exc):
-            raise
-        raise InputError(f"a reader process died while reading '{dataset}' ({exc}); the outputs written so "
-                         f"far are complete: rerun with --run_name and --skip_existing to continue "
-                         f"(--num_workers 0 reads in the main process)") from None
+    except ReaderStartError as exc:
+        raise InputError(f"cannot go on reading '{dataset}': {exc}; the outputs written so far are complete: "
+                         f"rerun with --skip_existing (and --run_name) to continue") from None
     finally:
         bar.close()   # an interrupted bar must not redraw itself after the closing message
     return report

@@ -45,6 +45,13 @@ def random_weights(tmp_path_factory):
     return path
 
 
+def default_sigint():
+    """preexec_fn of a child that is to feel Ctrl-C: a test run started in the background (`cmd &`)
+    inherits SIGINT ignored, and Python then keeps ignoring it; a user's Ctrl-C finds the default."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def only_one_process_starts(monkeypatch, error: int) -> list:
     """Processes started by fork: the first starts, every later start fails with OSError ``error``
     (as when the process table or memory is full). Returns the list of start attempts."""
