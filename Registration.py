@@ -27,7 +27,6 @@ too few features, ECC does not converge, implausible result) is reported
 with a ``RegistrationWarning`` and falls back as documented in
 docs/registration.md; bad input raises ``utils.InputError``.
 """
-import argparse
 import os
 import secrets
 import shutil
@@ -40,6 +39,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from cli import ArgumentParser
 from utils import (InputError, check_stack, ensure_output_dir, read_stack, refuse_output_into_input, run_cli,
                    to_gray_float, write_image)
 
@@ -478,7 +478,7 @@ def add_align_argument(group):
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     io = parser.add_argument_group("input and output")
     io.add_argument("input", type=str, help="folder of frames (natural file-name order) or a multi-page TIFF")
     io.add_argument("-o", "--output", type=str, default="./aligned",

@@ -1,4 +1,5 @@
-"""The engine behind predict_datasets.py and predict_pair_datasets.py.
+"""The engine behind predict_datasets.py and predict_pair_datasets.py (run those: this module has no
+command line of its own).
 
 The two scripts differ only in how they find scenes in a dataset folder; this
 module does the rest, once: shard the scenes over torchrun ranks, skip scenes
@@ -28,6 +29,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from cli import ArgumentParser
 from inference import (FUSED_KINDS, OUTPUT_KINDS, add_model_arguments, fuse_gray_batch, model_from_args, render_outputs,
                        write_outputs)
 from fusion import FusionCard
@@ -459,3 +461,9 @@ def run_batch_inference(args, find_scenes: Callable[[Path], List[Scene]], revers
         if ranks.distributed and dist.is_initialized():
             dist.destroy_process_group()
 
+
+if __name__ == "__main__":
+    # No command line of its own: --help shows what it is, anything else says what to run.
+    ArgumentParser(description=__doc__).parse_args()
+    ArgumentParser().error("batch_inference.py is the engine of predict_datasets.py and predict_pair_datasets.py: "
+                           "run one of those")

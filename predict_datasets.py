@@ -13,19 +13,19 @@ time per stack, scenes done, scenes failed and why). Resume a killed run with
 ``torchrun --nproc_per_node=K predict_datasets.py ...``. See
 docs/batch_inference.md.
 """
-import argparse
 import sys
 from functools import partial
 from pathlib import Path
 
 from batch_inference import Scene, add_common_args, run_batch_inference
+from cli import ArgumentParser
 from utils import InputError, natural_sort_key, read_stack, read_stack_metadata, run_cli
 
 STACK_FOLDER = "dof_stack"
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     add_common_args(parser, default_output="./results", default_batch=1)
     parser.add_argument("--every", type=int, default=1,
                         help="keep slices 1, K+1, 2K+1, ... of every stack (default: 1)")

@@ -6,10 +6,10 @@ The input is a folder of slices (sorted by the numbers in their names) or a
 multi-page TIFF. Six outputs are written, as released: fused gray, depth
 map, color fused image, depth colormap, index .npy and index picture.
 """
-import argparse
 import time
 from pathlib import Path
 
+from cli import ArgumentParser
 from exposure import add_exposure_argument, match_exposure
 from inference import (DEPTH_BITS, FUSED_KINDS, OUTPUT_KINDS, add_model_arguments, fuse_images, model_from_args,
                        render_outputs, write_outputs)
@@ -19,7 +19,7 @@ from utils import (add_output_format_arguments, ensure_output_dir, output_format
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     io = parser.add_argument_group("input and output")
     io.add_argument("--input_dir", type=str, required=True,
                     help="folder of slices (natural file-name order; camera RAW files too), a multi-page "

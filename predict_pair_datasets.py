@@ -10,20 +10,20 @@ without a partner, or whose number is ambiguous, are reported as failed
 scenes. Resume and torchrun work as for predict_datasets.py; see
 docs/batch_inference.md.
 """
-import argparse
 import re
 import sys
 from functools import partial
 from pathlib import Path
 
 from batch_inference import Scene, add_common_args, run_batch_inference
+from cli import ArgumentParser
 from utils import InputError, check_stack, list_images, read_image, read_metadata, run_cli
 
 SIDES = ("A", "B")
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     add_common_args(parser, default_output="./output_pair", default_batch=1)
     parser.add_argument("--reverse", action="store_true",
                         help="save 1 - depth and 1 - index instead of depth and index (for pairs ordered far, near)")

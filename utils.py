@@ -10,7 +10,6 @@ import io
 import os
 import re
 import secrets
-import signal
 import struct
 import sys
 import tempfile
@@ -26,6 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cli import InputError, run_cli  # noqa: F401  (defined torch-free in cli.py; imported from here)
+
 PLAIN_IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 # Camera RAW formats LibRaw (through rawpy) develops.
 RAW_EXTENSIONS = (".dng", ".cr2", ".cr3", ".crw", ".nef", ".nrw", ".arw", ".srf", ".sr2", ".raf", ".orf", ".rw2",
@@ -37,14 +38,6 @@ SIZE_MULTIPLE = 32
 
 # Keep 8/16-bit depth and gray/colour, drop alpha, honour EXIF orientation.
 _READ_FLAGS = cv2.IMREAD_ANYCOLOR | cv2.IMREAD_ANYDEPTH
-
-
-class InputError(Exception):
-    """Bad user input (missing folder, unreadable image, mixed sizes, ...).
-
-    The message is one sentence meant for the user; scripts print it and exit
-    non-zero instead of showing a traceback.
-    """
 
 
 # ----------------------------------------------------------------------------- naming and listing
@@ -742,42 +735,3 @@ def select_device(name=None) -> torch.device:
     if torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
-
-
-# ----------------------------------------------------------------------------- command line
-
-def _raise_keyboard_interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
-def _close_progress_bars():
-    """Close the tqdm bars an error left open, so that the closing message gets a
-    line of its own and no bar redraws itself after it."""
-    from tqdm import tqdm
-    for bar in list(getattr(tqdm, "_instances", ())):
-        bar.close()
-
-
-def run_cli(main_fn, parser):
-    """Parse arguments and run ``main_fn``; the project's own errors become one
-    line on stderr and exit status 2, an interrupt exits 130, never a traceback."""
-    args = parser.parse_args()
-    # SIGTERM (a scheduler, `kill`) unwinds like Ctrl-C, so temporary files are
-    # removed and checkpoints stay whole instead of the process dying mid-write.
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-    try:
-        return main_fn(args)
-    except InputError as exc:
-        _close_progress_bars()
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        _close_progress_bars()
-        # Straight to the file descriptor: the interrupt may have cut a write of the
-        # buffered stderr (a progress bar's), whose later output can then be lost.
-        try:
-            sys.stderr.flush()
-        except (OSError, ValueError, RuntimeError):
-            pass
-        os.write(2, b"interrupted\n")
-        sys.exit(130)

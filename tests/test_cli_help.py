@@ -23,3 +23,69 @@ def test_examples_in_the_help_texts_exist():
     assert named, "no example is named anywhere: the pattern is wrong"
     missing = sorted((source, name) for source, name in named if not (REPO / name).exists())
     assert missing == []
+
+
+# ----------------------------------------------------------------------------- every script's --help
+
+import argparse  # noqa: E402
+import importlib.util  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from concurrent.futures import ThreadPoolExecutor  # noqa: E402
+
+import pytest  # noqa: E402
+
+PYTHON_FILES = sorted(path for path in REPO.glob("**/*.py")
+                      if not {".venv", "tests"} & set(path.relative_to(REPO).parts) and path.name != "__init__.py")
+SCRIPTS = [path for path in PYTHON_FILES if "def get_args_parser" in path.read_text()]
+
+
+def run_help(path):
+    return subprocess.run([sys.executable, str(path), "--help"], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def check_help(paths):
+    """Scripts print their usage; a module run as a file imports without an error."""
+    with ThreadPoolExecutor(2) as pool:
+        answers = dict(zip(paths, pool.map(run_help, paths)))
+    for path, answer in answers.items():
+        name = path.relative_to(REPO).as_posix()
+        assert answer.returncode == 0 and "Traceback" not in answer.stderr, (name, answer.stderr[-1500:])
+        if "__main__" in path.read_text():
+            assert answer.stdout.startswith("usage:"), (name, answer.stdout[:200])
+    return answers
+
+
+def test_the_engine_and_the_shared_modules_answer_help():
+    """batch_inference.py printed nothing; make_datasets/common.py and bench/peers.py, run as files,
+    could not import utils."""
+    answers = check_help([REPO / "batch_inference.py", REPO / "make_datasets" / "common.py",
+                          REPO / "bench" / "peers.py"])
+    assert "run those" in answers[REPO / "batch_inference.py"].stdout
+
+
+@pytest.mark.slow
+def test_every_python_file_answers_help_without_a_traceback():
+    check_help(PYTHON_FILES)
+
+
+def parsers():
+    """get_args_parser() of every script, imported from its file."""
+    for path in SCRIPTS:
+        spec = importlib.util.spec_from_file_location(f"script_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        yield path.relative_to(REPO).as_posix(), module.get_args_parser()
+
+
+def test_every_flag_that_takes_a_value_says_its_default():
+    unsaid = []
+    for name, parser in parsers():
+        formatter = parser._get_formatter()
+        for action in parser._actions:
+            if action.option_strings and not action.required and action.nargs != 0 and \
+                    action.help != argparse.SUPPRESS and "default" not in formatter._expand_help(action).lower():
+                unsaid.append((name, action.option_strings[-1]))
+    assert unsaid == []
