@@ -40,10 +40,11 @@ import numpy as np
 from tqdm import tqdm
 
 from cli import ArgumentParser
+from options import ALIGN_METHODS
 from utils import (InputError, check_stack, ensure_output_dir, read_stack, refuse_output_into_input, run_cli,
                    to_gray_float, write_image)
 
-METHODS = ("released", "ecc")
+METHODS = ALIGN_METHODS          # defined in options.py, where --align offers them
 REFERENCES = ("first", "last", "middle", "sharpest")
 ECC_MOTIONS = {"affine": cv2.MOTION_AFFINE, "homography": cv2.MOTION_HOMOGRAPHY}
 
@@ -470,12 +471,6 @@ def align_stack(images, method="released", reference="first", motion=None,
 
 
 # ----------------------------------------------------------------------------- command line
-
-def add_align_argument(group):
-    """The ``--align`` flag of the predict scripts: register slices before fusing."""
-    group.add_argument("--align", type=str, choices=("none",) + METHODS, default="none",
-                       help="register the slices before fusing (see docs/registration.md)")
-
 
 def get_args_parser():
     parser = ArgumentParser(description=__doc__)

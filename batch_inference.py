@@ -30,14 +30,13 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from cli import ArgumentParser
-from inference import (FUSED_KINDS, OUTPUT_KINDS, add_model_arguments, fuse_gray_batch, model_from_args, render_outputs,
-                       write_outputs)
+from exposure import match_exposure
 from fusion import FusionCard
-from exposure import add_exposure_argument, match_exposure
+from inference import FUSED_KINDS, OUTPUT_KINDS, fuse_gray_batch, model_from_args, render_outputs, write_outputs
 from readers import ReaderDied, ReaderStartError, ReadInOrder
-from Registration import add_align_argument, align_stack
-from utils import (InputError, add_output_format_arguments, ensure_output_dir, output_format_from_args, select_device,
-                   stack_to_tensor, write_text)
+from Registration import align_stack
+from utils import (InputError, ensure_output_dir, output_format_from_args, select_device, stack_to_tensor,
+                   write_text)
 
 RUN_PREFIX = "results_"
 SUMMARY_FILE = "summary.json"
@@ -45,49 +44,6 @@ SUMMARY_FILE = "summary.json"
 GATHER_TIMEOUT = timedelta(hours=24)
 # Stacks waiting for partners of their size: past this many, the oldest group runs anyway.
 MAX_PENDING_FACTOR = 4
-
-
-# ----------------------------------------------------------------------------- command line
-
-def available_cpus() -> int:
-    """CPUs this process may run on: its affinity mask where the OS has one (a
-    container or taskset may allow fewer than the machine has), else the count."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
-def default_workers(cpus: int) -> int:
-    """Reader processes beside the main one, which fuses: min(4, cpus - 1), 0 on one CPU."""
-    return max(0, min(4, cpus - 1))
-
-
-def add_common_args(parser, default_output: str, default_batch: int):
-    """Flags shared by both dataset scripts (see their --help)."""
-    data = parser.add_argument_group("data")
-    data.add_argument("--test_root", type=str, required=True, help="folder holding the dataset folders")
-    data.add_argument("--test_datasets", type=str, nargs="+", required=True,
-                      help="dataset folder names under --test_root")
-    add_align_argument(data)
-    add_exposure_argument(data)
-    out = parser.add_argument_group("output and resume")
-    out.add_argument("--output_dir", type=str, default=default_output,
-                     help="results go to <output_dir>/<run folder>/<dataset>/<kind>/<scene>.<ext>")
-    out.add_argument("--run_name", type=str, default=None,
-                     help="name of the run folder (default: results_<timestamp>); "
-                          "give the same name again to resume with --skip_existing")
-    out.add_argument("--skip_existing", action="store_true",
-                     help="skip scenes whose six outputs already exist; without --run_name, "
-                          "continue the newest results_* folder in --output_dir")
-    add_output_format_arguments(out)
-    run = add_model_arguments(parser.add_argument_group("model and speed"))
-    run.add_argument("--batch_size", type=int, default=default_batch,
-                     help="stacks per forward pass (only stacks of one size and length share a batch)")
-    cpus = available_cpus()
-    run.add_argument("--num_workers", type=int, default=default_workers(cpus),
-                     help=f"processes that read images (0: read in the main process); "
-                          f"default min(4, CPUs - 1), {default_workers(cpus)} on this machine's {cpus} CPU(s)")
-    return parser
 
 
 # ----------------------------------------------------------------------------- scenes
@@ -244,7 +200,7 @@ def _synchronize(device):
         torch.mps.synchronize()
 
 
-def _fuse_and_write(model, card, device, batch: List[LoadedScene], dataset_dir: Path, reverse: bool,
+def _fuse_and_write(model, card, device, batch: List[LoadedScene], dataset_dir: Path, render: dict,
                     report: DatasetReport, fuse_options: dict, fused_format=(".png", {})):
     """Fuse one batch (one key), write every scene's outputs; a failing batch of
     several is retried stack by stack so that only the culprit is reported."""
@@ -259,16 +215,15 @@ def _fuse_and_write(model, card, device, batch: List[LoadedScene], dataset_dir: 
     except Exception as exc:
         if len(batch) > 1:
             for scene in batch:
-                _fuse_and_write(model, card, device, [scene], dataset_dir, reverse, report, fuse_options, fused_format)
+                _fuse_and_write(model, card, device, [scene], dataset_dir, render, report, fuse_options, fused_format)
             return
         report.failed[batch[0].name] = f"inference failed: {_describe(exc)}"
         return
     report.forward_seconds += elapsed
     for scene, result in zip(batch, results):
         try:
-            write_outputs(render_outputs(result, scene.images, reverse),
-                          scene_output_paths(dataset_dir, scene.name, fused_format[0]), scene.metadata,
-                          **fused_format[1])
+            paths = scene_output_paths(dataset_dir, scene.name, fused_format[0])
+            write_outputs(render_outputs(result, scene.images, **render), paths, scene.metadata, **fused_format[1])
         except Exception as exc:
             report.failed[scene.name] = f"cannot write outputs: {_describe(exc)}"
             continue
@@ -276,16 +231,16 @@ def _fuse_and_write(model, card, device, batch: List[LoadedScene], dataset_dir: 
 
 
 def run_dataset(model, device, dataset: str, scenes: List[Scene], dataset_dir: Path, *, batch_size: int,
-                num_workers: int, skip_existing: bool, reverse: bool, ranks: Ranks, match_exposure: bool = False,
-                fused_format=(".png", {}),
-                align: str = "none", fuse_options: Optional[dict] = None,
-                card: FusionCard = FusionCard()) -> DatasetReport:
+                num_workers: int, skip_existing: bool, ranks: Ranks, match_exposure: bool = False,
+                fused_format=(".png", {}), align: str = "none", fuse_options: Optional[dict] = None,
+                render: Optional[dict] = None, card: FusionCard = FusionCard()) -> DatasetReport:
     """Fuse this rank's share of ``scenes`` (every world_size-th, in order), decoded by ``card``
     (default: the released decoding; main passes the checkpoint's), read in ``num_workers``
     reader processes (readers.ReadInOrder).
 
-    fuse_options: keyword arguments for inference.fuse_gray_batch (max_memory, precision)."""
-    fuse_options = fuse_options or {}
+    fuse_options: keyword arguments for inference.fuse_gray_batch (max_memory, precision);
+    render: for inference.render_outputs (reverse, depth_bits)."""
+    fuse_options, render = fuse_options or {}, render or {}
     report = DatasetReport(dataset, scenes=len(scenes))
     mine = scenes[ranks.rank::ranks.world_size]
     todo = []
@@ -304,7 +259,7 @@ def run_dataset(model, device, dataset: str, scenes: List[Scene], dataset_dir: P
     def flush(key):
         batch = pending.pop(key)
         before = len(report.failed)
-        _fuse_and_write(model, card, device, batch, dataset_dir, reverse, report, fuse_options, fused_format)
+        _fuse_and_write(model, card, device, batch, dataset_dir, render, report, fuse_options, fused_format)
         for name in list(report.failed)[before:]:
             bar.write(f"{dataset}/{name}: {report.failed[name]}")
         bar.update(len(batch))
@@ -402,7 +357,7 @@ def write_summary(summary: RunSummary):
 
 # ----------------------------------------------------------------------------- the whole run
 
-def run_batch_inference(args, find_scenes: Callable[[Path], List[Scene]], reverse: bool = False) -> RunSummary:
+def run_batch_inference(args, find_scenes: Callable[[Path], List[Scene]]) -> RunSummary:
     """Run every dataset in args.test_datasets; ``find_scenes(dataset_dir)`` lists a
     dataset's scenes or raises InputError when its layout is missing."""
     if args.batch_size < 1:
@@ -446,10 +401,11 @@ def run_batch_inference(args, find_scenes: Callable[[Path], List[Scene]], revers
                 continue
             reports.append(run_dataset(model, device, dataset, scenes, run_dir / dataset,
                                        batch_size=args.batch_size, num_workers=args.num_workers,
-                                       skip_existing=args.skip_existing, reverse=reverse, ranks=ranks,
+                                       skip_existing=args.skip_existing, ranks=ranks,
                                        align=args.align, match_exposure=args.match_exposure,
                                        fused_format=fused_format,
                                        fuse_options=dict(max_memory=args.max_memory, precision=args.precision),
+                                       render=dict(reverse=args.reverse, depth_bits=args.depth_bits),
                                        card=card))
         summary = RunSummary(run_dir, str(device), ranks.world_size, args.batch_size,
                              merge_reports(_gather(reports, ranks)))

@@ -28,8 +28,8 @@ import numpy as np
 from tqdm import tqdm
 
 from cli import ArgumentParser
-from inference import OUTPUT_KINDS
 from metrics import METRIC_NAMES, METRICS, to_gray255
+from options import OUTPUT_KINDS
 from utils import (InputError, ensure_output_dir, images_by_stem, list_images, natural_sort_key, read_image,
                    run_cli, write_text)
 

@@ -35,9 +35,10 @@ from cli import ArgumentParser
 from dataset import FocusStackDataset, GroupedBatchSampler, dataset_name
 from engine import COSINE_FLOOR, LogitsAndDepth, Runtime, RunClock, evaluate, setup_runtime, steps_per_epoch, \
     train_one_epoch
-from fusion import FusionCard, add_card_arguments, card_from_args
+from fusion import FusionCard, card_from_args
 from losses import CE_TARGETS, SPOILT_MARGIN, DepthLoss, LossWeights
 from model import StackMFFV2, init_weights, load_model
+from options import add_card_arguments
 from utils import InputError, depth_colormap, ensure_output_dir, run_cli, write_image, write_text
 
 RELEASED_SLOTS = 5          # --train_stack, --train_stack_2 ... --train_stack_5

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from cli import InputError, run_cli  # noqa: F401  (defined torch-free in cli.py; imported from here)
+from options import OUTPUT_FORMATS, TIFF_COMPRESSIONS
 
 PLAIN_IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 # Camera RAW formats LibRaw (through rawpy) develops.
@@ -609,7 +610,6 @@ def _tiff_with_metadata(data: bytes, exif, icc) -> bytes:
 # ----------------------------------------------------------------------------- writing
 
 EIGHT_BIT_EXTENSIONS = (".jpg", ".jpeg", ".bmp", ".webp")      # formats that cannot hold 16 bits
-TIFF_COMPRESSIONS = {"none": 1, "lzw": 5, "deflate": 8, "packbits": 32773}
 
 
 def encoder_params(suffix, jpeg_quality=None, tiff_compression=None) -> list:
@@ -620,22 +620,6 @@ def encoder_params(suffix, jpeg_quality=None, tiff_compression=None) -> list:
     if suffix in TIFF_EXTENSIONS and tiff_compression is not None:
         return [cv2.IMWRITE_TIFF_COMPRESSION, TIFF_COMPRESSIONS[tiff_compression]]
     return []
-
-
-# --output_format: file suffix of the fused pictures (depth pictures and the index stay PNG / .npy)
-OUTPUT_FORMATS = {"png": ".png", "tiff": ".tif", "jpeg": ".jpg"}
-
-
-def add_output_format_arguments(group):
-    """--output_format, --jpeg_quality, --tiff_compression (read back by ``output_format_from_args``)."""
-    group.add_argument("--output_format", choices=tuple(OUTPUT_FORMATS), default="png",
-                       help="format of the two fused images (PNG and TIFF keep 16 bits, JPEG is 8-bit); "
-                            "they carry the first slice's EXIF and ICC profile (default: png)")
-    group.add_argument("--jpeg_quality", type=int, default=None,
-                       help="1 to 100, with --output_format jpeg (default: 95)")
-    group.add_argument("--tiff_compression", choices=tuple(TIFF_COMPRESSIONS), default=None,
-                       help="with --output_format tiff (default: lzw)")
-    return group
 
 
 def output_format_from_args(args):

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import batch_inference
+import options
 import predict_datasets
 import predict_pair_datasets
 from fusion import FusionCard
@@ -250,14 +251,14 @@ class TestPredictDatasets:
 
 class TestReaderWorkersDefault:
     def test_one_cpu_is_left_to_the_fusion(self):
-        assert [batch_inference.default_workers(c) for c in (1, 2, 3, 5, 64)] == [0, 1, 2, 4, 4]
+        assert [options.default_workers(c) for c in (1, 2, 3, 5, 64)] == [0, 1, 2, 4, 4]
 
     def test_cpus_are_the_affinity_mask_where_there_is_one(self, monkeypatch):
         monkeypatch.setattr(os, "cpu_count", lambda: 64)
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 5, 9}, raising=False)
-        assert batch_inference.available_cpus() == 3
+        assert options.available_cpus() == 3
         monkeypatch.delattr(os, "sched_getaffinity")
-        assert batch_inference.available_cpus() == 64
+        assert options.available_cpus() == 64
 
     def test_a_two_cpu_machine_gets_one_worker_and_no_torch_warning(self, stack_root, weights, tmp_path,
                                                                    monkeypatch):

@@ -8,9 +8,10 @@ import torch
 
 from fusion import (DEPTH_RULES, FusionCard, box_mean, card_path, depth_confidence, fuse, guided_filter,
                     refined_depth)
-from inference import add_model_arguments, fuse_gray_batch, model_from_args, render_outputs
+from inference import fuse_gray_batch, model_from_args, render_outputs
 from metrics import slice_mae, speckle_share, textured_half
 from model import CheckpointError, StackMFFV2
+from options import add_model_arguments
 from tiling import tiled_fuse
 
 

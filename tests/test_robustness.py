@@ -289,7 +289,7 @@ def test_a_scene_that_kills_its_reader_fails_alone(tmp_path, random_weights, cap
     from model import load_model
     scenes = _stack_and_a_scene_that_kills_its_reader(tmp_path / "stack")
     report = run_dataset(load_model(random_weights), torch.device("cpu"), "syn", scenes, tmp_path / "syn",
-                         batch_size=1, num_workers=1, skip_existing=False, reverse=False, ranks=Ranks())
+                         batch_size=1, num_workers=1, skip_existing=False, ranks=Ranks())
     assert report.fused == 1 and list(report.failed) == ["killer"]
     assert report.failed["killer"].startswith("its reader process was killed by SIGKILL each time it read")
     said = capsys.readouterr()
@@ -308,5 +308,5 @@ def test_a_reader_that_cannot_be_replaced_is_one_clear_error(tmp_path, random_we
                                          r"\(Resource temporarily unavailable\); the outputs written so far are "
                                          r"complete: rerun with --skip_existing"):
         run_dataset(load_model(random_weights), torch.device("cpu"), "syn", scenes, tmp_path / "syn",
-                    batch_size=1, num_workers=1, skip_existing=False, reverse=False, ranks=Ranks())
+                    batch_size=1, num_workers=1, skip_existing=False, ranks=Ranks())
     assert len(starts) == 2
