@@ -5,8 +5,8 @@ The two scripts differ only in how they find scenes in a dataset folder; this
 module does the rest, once: shard the scenes over torchrun ranks, skip scenes
 already done, read scenes in reader processes (readers.py: a reader that dies
 is replaced), batch stacks of one size and length, run
-inference.fuse_gray_batch, write the six released outputs atomically, time
-the forward pass and report failures.
+inference.fuse_gray_batch, write the released outputs (those of --outputs)
+atomically, time the forward pass and report failures.
 
 Output layout, as released::
 
@@ -33,6 +33,7 @@ from cli import ArgumentParser
 from exposure import match_exposure
 from fusion import FusionCard
 from inference import FUSED_KINDS, OUTPUT_KINDS, fuse_gray_batch, model_from_args, render_outputs, write_outputs
+from options import OUTPUT_NAMES
 from readers import ReaderDied, ReaderStartError, ReadInOrder
 from Registration import align_stack
 from utils import (InputError, ensure_output_dir, output_format_from_args, select_device, stack_to_tensor,
@@ -97,11 +98,11 @@ class SceneReader:
         return LoadedScene(scene.name, images=images, metadata=metadata)
 
 
-def scene_output_paths(dataset_dir: Path, scene: str, fused_suffix: str = ".png") -> dict:
-    """Stem -> <dataset_dir>/<kind folder>/<scene><ext> for the six released outputs
-    (the two fused images with ``fused_suffix``)."""
+def scene_output_paths(dataset_dir: Path, scene: str, fused_suffix: str = ".png", outputs=OUTPUT_NAMES) -> dict:
+    """Stem -> <dataset_dir>/<kind folder>/<scene><ext> for each of ``outputs`` (released
+    outputs, OUTPUT_KINDS stems), the two fused images with ``fused_suffix``."""
     return {stem: dataset_dir / folder / f"{scene}{fused_suffix if stem in FUSED_KINDS else ext}"
-            for stem, folder, ext in OUTPUT_KINDS}
+            for stem, folder, ext in OUTPUT_KINDS if stem in outputs}
 
 
 def is_done(paths: dict) -> bool:
@@ -222,7 +223,7 @@ def _fuse_and_write(model, card, device, batch: List[LoadedScene], dataset_dir: 
     report.forward_seconds += elapsed
     for scene, result in zip(batch, results):
         try:
-            paths = scene_output_paths(dataset_dir, scene.name, fused_format[0])
+            paths = scene_output_paths(dataset_dir, scene.name, fused_format[0], render.get("outputs", OUTPUT_NAMES))
             write_outputs(render_outputs(result, scene.images, **render), paths, scene.metadata, **fused_format[1])
         except Exception as exc:
             report.failed[scene.name] = f"cannot write outputs: {_describe(exc)}"
@@ -239,19 +240,21 @@ def run_dataset(model, device, dataset: str, scenes: List[Scene], dataset_dir: P
     reader processes (readers.ReadInOrder).
 
     fuse_options: keyword arguments for inference.fuse_gray_batch (max_memory, precision);
-    render: for inference.render_outputs (reverse, depth_bits)."""
+    render: for inference.render_outputs (outputs, reverse, depth_bits)."""
     fuse_options, render = fuse_options or {}, render or {}
+    outputs = render.get("outputs", OUTPUT_NAMES)
     report = DatasetReport(dataset, scenes=len(scenes))
     mine = scenes[ranks.rank::ranks.world_size]
     todo = []
     for scene in mine:
         if skip_existing and scene.error is None and is_done(
-                scene_output_paths(dataset_dir, scene.name, fused_format[0])):
+                scene_output_paths(dataset_dir, scene.name, fused_format[0], outputs)):
             report.skipped += 1
         else:
             todo.append(scene)
-    for _, folder, _ in OUTPUT_KINDS:
-        ensure_output_dir(dataset_dir / folder)
+    for stem, folder, _ in OUTPUT_KINDS:
+        if stem in outputs:
+            ensure_output_dir(dataset_dir / folder)
     bar = tqdm(total=len(mine), initial=report.skipped, unit="stack",
                desc=dataset if not ranks.distributed else f"{dataset} [rank {ranks.rank}]")
     pending = {}   # key -> stacks waiting for a full batch
@@ -405,7 +408,8 @@ def run_batch_inference(args, find_scenes: Callable[[Path], List[Scene]]) -> Run
                                        align=args.align, match_exposure=args.match_exposure,
                                        fused_format=fused_format,
                                        fuse_options=dict(max_memory=args.max_memory, precision=args.precision),
-                                       render=dict(reverse=args.reverse, depth_bits=args.depth_bits),
+                                       render=dict(outputs=args.outputs, reverse=args.reverse,
+                                                   depth_bits=args.depth_bits),
                                        card=card))
         summary = RunSummary(run_dir, str(device), ranks.world_size, args.batch_size,
                              merge_reports(_gather(reports, ranks)))

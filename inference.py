@@ -22,7 +22,7 @@ from fusion import FusionCard, card_from_args, fuse, fuse_colour, view_logits
 from memory import GIB, available_bytes
 from model import load_model
 # The flags and the output kinds are defined in options.py (torch-free); imported from here too.
-from options import DEFAULT_MODEL, DEPTH_BITS, FUSED_KINDS, OUTPUT_KINDS  # noqa: F401
+from options import DEFAULT_MODEL, DEPTH_BITS, FUSED_KINDS, OUTPUT_KINDS, OUTPUT_NAMES  # noqa: F401
 from tiling import tiled_fuse
 from utils import (depth_colormap, encoder_params, index_picture, next_multiple, resize_back, resize_to_multiple,
                    stack_to_tensor, to_gray, to_integer_image, write_image, write_npy)
@@ -162,28 +162,31 @@ def fuse_images(model, card: FusionCard, images, device=None, max_memory=None, p
     return fuse_gray_batch(model, card, stack_to_tensor(images), device, precision=precision)[0]
 
 
-def render_outputs(result: FusionResult, images, reverse: bool = False, depth_bits: int = 8) -> dict:
-    """The six released outputs of one stack, keyed by OUTPUT_KINDS stems.
+def render_outputs(result: FusionResult, images, reverse: bool = False, depth_bits: int = 8,
+                   outputs=OUTPUT_NAMES) -> dict:
+    """The released outputs of one stack that ``outputs`` names (OUTPUT_KINDS stems), keyed by stem.
 
     Fused pictures keep the input's bit depth (8 or 16); the depth map has
     ``depth_bits`` (DEPTH_BITS), the other depth pictures are 8-bit.
     ``reverse`` flips depth and index (1 - depth, N-1 - index) for stacks
-    ordered far-to-near; it does not change the fused images.
+    ordered far-to-near; it does not change the fused images. The index is
+    stored in the smallest unsigned type that holds it (uint8 up to 256
+    slices).
     """
     if depth_bits not in DEPTH_BITS:
         raise ValueError(f"depth_bits must be one of {DEPTH_BITS}, got {depth_bits!r}")
     n = result.num_slices
     depth = 1.0 - result.depth if reverse else result.depth
     index = (n - 1) - result.index if reverse else result.index
-    dtype = images[0].dtype
-    return {
-        "fused_gray": to_integer_image(result.fused_gray, dtype),
-        "depth_map": to_integer_image(depth, np.uint16 if depth_bits == 16 else np.uint8),
-        "color_fused": fuse_colour(images, result.index, result.weights, result.card),
-        "depth_colormap": depth_colormap(depth),
-        "depth_index": index.astype(np.int32),
-        "depth_index_vis": index_picture(index, n),
+    render = {   # each computed only when asked for
+        "fused_gray": lambda: to_integer_image(result.fused_gray, images[0].dtype),
+        "depth_map": lambda: to_integer_image(depth, np.uint16 if depth_bits == 16 else np.uint8),
+        "color_fused": lambda: fuse_colour(images, result.index, result.weights, result.card),
+        "depth_colormap": lambda: depth_colormap(depth),
+        "depth_index": lambda: index.astype(np.min_scalar_type(max(n - 1, 0))),
+        "depth_index_vis": lambda: index_picture(index, n),
     }
+    return {stem: render[stem]() for stem in outputs}
 
 
 def write_outputs(outputs: dict, paths: dict, metadata=None, **encoder_options):

@@ -2,8 +2,8 @@
 
 predict_one_stack.py, predict_datasets.py and predict_pair_datasets.py build
 their parsers with ``predict_parser``: what applies to one stack applies to
-a dataset of stacks (``--reverse``, ``--depth_bits``, the model and its
-card, ...). The model card's settings (``CardSettings``,
+a dataset of stacks (``--reverse``, ``--depth_bits``, ``--outputs``, the
+model and its card, ...). The model card's settings (``CardSettings``,
 which ``fusion.FusionCard`` extends) live here with their help texts, and
 ``add_card_arguments`` makes one flag of each: a new setting is a new flag.
 Nothing here imports torch, so --help answers at once; the scripts import
@@ -23,7 +23,7 @@ from cli import ArgumentParser
 # (stackmffv2_synthetic.json) says how to decode them (fusion.FusionCard).
 DEFAULT_MODEL = Path(__file__).resolve().parent / "weights" / "stackmffv2_synthetic.pth"
 
-# The six released outputs: file-name stem (predict_one_stack.py),
+# The six released outputs: file-name stem (predict_one_stack.py and --outputs),
 # folder (the dataset scripts) and file extension.
 OUTPUT_KINDS = (
     ("fused_gray", "fused_images", ".png"),
@@ -33,6 +33,7 @@ OUTPUT_KINDS = (
     ("depth_index", "depth_indices", ".npy"),
     ("depth_index_vis", "depth_indices_vis", ".png"),
 )
+OUTPUT_NAMES = tuple(stem for stem, _, _ in OUTPUT_KINDS)
 # The kinds written in --output_format (OUTPUT_FORMATS); the others stay as above.
 FUSED_KINDS = ("fused_gray", "color_fused")
 # --output_format: file suffix of the fused pictures (depth pictures and the index stay PNG / .npy)
@@ -204,7 +205,10 @@ def add_output_format_arguments(group):
 
 
 def add_render_arguments(group):
-    """How the depth pictures read (inference.render_outputs)."""
+    """Which outputs, and how the depth pictures read (inference.render_outputs)."""
+    group.add_argument("--outputs", nargs="+", choices=OUTPUT_NAMES, default=list(OUTPUT_NAMES), metavar="NAME",
+                       help=f"the outputs to write, any of {', '.join(OUTPUT_NAMES)} (default: all six; "
+                            f"'--outputs color_fused' writes the fused colour image alone)")
     group.add_argument("--reverse", action="store_true",
                        help="save 1 - depth and N-1 - index (for stacks ordered far to near)")
     group.add_argument("--depth_bits", type=int, default=8, choices=DEPTH_BITS,
@@ -253,7 +257,7 @@ def predict_parser(doc: str, scenes: str) -> ArgumentParser:
 
     out = parser.add_argument_group("output")
     if scenes == "stack":
-        out.add_argument("-o", "--output_dir", type=str, default=SCENES[scenes], help="where the six outputs go")
+        out.add_argument("-o", "--output_dir", type=str, default=SCENES[scenes], help="where the outputs go")
         out.add_argument("--fixed_names", action="store_true",
                          help="write fused_gray.png, depth_map.png, ... instead of names with a timestamp")
     else:
@@ -263,8 +267,8 @@ def predict_parser(doc: str, scenes: str) -> ArgumentParser:
                          help="name of the run folder (default: results_<timestamp>); "
                               "give the same name again to resume with --skip_existing")
         out.add_argument("--skip_existing", action="store_true",
-                         help="skip scenes whose six outputs already exist; without --run_name, continue the "
-                              "newest results_* folder in --output_dir")
+                         help="skip scenes whose outputs (those of --outputs) already exist; without --run_name, "
+                              "continue the newest results_* folder in --output_dir")
     add_render_arguments(out)
     add_output_format_arguments(out)
 

@@ -8,8 +8,9 @@ file-name order) and writes, as released,
 <output_dir>/results_<timestamp>/<dataset>/<kind>/<scene>.<ext> for the six
 kinds fused_images, depth_maps, color_fused_images, depth_colormaps,
 depth_indices (.npy) and depth_indices_vis, plus summary.json (mean inference
-time per stack, scenes done, scenes failed and why). Resume a killed run with
---run_name NAME --skip_existing; scale out with
+time per stack, scenes done, scenes failed and why). --outputs chooses among
+the six. Resume a killed run with --skip_existing (and its --run_name);
+scale out with
 ``torchrun --nproc_per_node=K predict_datasets.py ...``. See
 docs/batch_inference.md.
 """

@@ -3,25 +3,26 @@
     python predict_one_stack.py -i examples/coffee_stack -o results
 
 The input is a folder of slices (sorted by the numbers in their names), a
-multi-page TIFF or a video. Six outputs are written, as released: fused
-gray, depth map, color fused image, depth colormap, index .npy and index
-picture.
+multi-page TIFF or a video. Six outputs are written, as released (--outputs
+chooses among them): fused gray, depth map, color fused image, depth
+colormap, index .npy and index picture.
 """
 import time
 from pathlib import Path
 
 from cli import run_cli
-from options import FUSED_KINDS, OUTPUT_KINDS, predict_parser
+from options import FUSED_KINDS, OUTPUT_KINDS, OUTPUT_NAMES, predict_parser
 
 
 def get_args_parser():
     return predict_parser(__doc__, "stack")
 
 
-def output_paths(output_dir: Path, fixed_names: bool, fused_suffix: str = ".png") -> dict:
+def output_paths(output_dir: Path, fixed_names: bool, fused_suffix: str = ".png", outputs=OUTPUT_NAMES) -> dict:
+    """Stem -> file in ``output_dir`` for each of ``outputs``, named with the run's time unless ``fixed_names``."""
     suffix = "" if fixed_names else time.strftime("_%Y%m%d_%H%M%S")
     return {stem: output_dir / f"{stem}{suffix}{fused_suffix if stem in FUSED_KINDS else ext}"
-            for stem, _, ext in OUTPUT_KINDS}
+            for stem, _, ext in OUTPUT_KINDS if stem in outputs}
 
 
 def main(args):
@@ -46,9 +47,9 @@ def main(args):
     start = time.perf_counter()
     result = fuse_images(model, card, images, device, args.max_memory, args.precision)
     elapsed = time.perf_counter() - start
-    paths = output_paths(output_dir, args.fixed_names, fused_suffix)
-    write_outputs(render_outputs(result, images, args.reverse, args.depth_bits), paths,
-                  read_stack_metadata(args.input_dir), **write_options)
+    paths = output_paths(output_dir, args.fixed_names, fused_suffix, args.outputs)
+    outputs = render_outputs(result, images, args.reverse, args.depth_bits, args.outputs)
+    write_outputs(outputs, paths, read_stack_metadata(args.input_dir), **write_options)
     h, w = images[0].shape[:2]
     print(f"fused {len(images)} slices of {w}x{h} in {elapsed:.2f} s on {device}; outputs in {output_dir}")
     return paths

@@ -237,6 +237,26 @@ class TestPredictDatasets:
         resumed = predict_datasets.main(stack_args(stack_root, weights, out, "--skip_existing"))
         assert resumed.run_dir == first.run_dir and resumed.datasets[0].skipped == 6
 
+    def test_the_single_stack_flags_apply_to_every_stack(self, stack_root, weights, tmp_path):
+        """--reverse, --depth_bits and --outputs (once unknown to predict_datasets.py) as on one stack."""
+        out, chosen = tmp_path / "out", ("depth_map", "depth_index")
+        flags = ("--reverse", "--depth_bits", "16", "--outputs", *chosen)
+        summary = predict_datasets.main(stack_args(stack_root, weights, out, "--run_name", "r", *flags))
+        assert summary.datasets[0].fused == len(GOOD_STACKS)
+        assert sorted(p.name for p in (out / "r" / "syn").iterdir()) == ["depth_indices", "depth_maps"]
+        model = load_model(weights)
+        for scene in GOOD_STACKS:
+            images, _ = read_stack(stack_root / "syn" / "dof_stack" / scene)
+            want = render_outputs(fuse_images(model, FusionCard.beside(weights), images), images, reverse=True,
+                                  depth_bits=16, outputs=chosen)
+            got = {"depth_map": read_image(out / "r" / "syn" / "depth_maps" / f"{scene}.png"),
+                   "depth_index": np.load(out / "r" / "syn" / "depth_indices" / f"{scene}.npy")}
+            assert got["depth_map"].dtype == np.uint16 and got["depth_index"].dtype == np.uint8
+            assert_same_outputs(got, want)
+        again = predict_datasets.main(stack_args(stack_root, weights, out, "--run_name", "r", "--skip_existing",
+                                                 *flags))
+        assert again.datasets[0].skipped == len(GOOD_STACKS)
+
     def test_reader_workers_give_the_same_outputs(self, stack_root, weights, tmp_path):
         out = tmp_path / "out"
         args = stack_args(stack_root, weights, out, "--run_name", "w2", "--batch_size", "2")

@@ -4,7 +4,7 @@ import pytest
 
 from conftest import textured_stack
 from fusion import FusionCard
-from inference import fuse_images
+from inference import FusionResult, fuse_images, render_outputs
 from model import load_model
 from utils import to_gray_float
 
@@ -69,3 +69,25 @@ def test_tiled_blend_at_an_odd_size_says_what_it_does_otherwise(random_model, ca
     assert result.fused_gray.shape == (40, 48)
     fuse_images(random_model, BLEND, textured_stack(num_slices=3, height=64, width=64), max_memory=2.0)
     assert "tiled:" not in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- render_outputs
+
+
+
+def test_outputs_chooses_what_is_rendered(random_model, monkeypatch):
+    import inference
+    slices = textured_stack(num_slices=3, height=40, width=48)
+    result = fuse_images(random_model, BLEND, slices)
+    monkeypatch.setattr(inference, "fuse_colour", lambda *a: pytest.fail("the colour image was not asked for"))
+    assert list(render_outputs(result, slices, outputs=("depth_index", "fused_gray"))) == ["depth_index", "fused_gray"]
+
+
+@pytest.mark.parametrize("slices, dtype", [(2, np.uint8), (256, np.uint8), (257, np.uint16), (70000, np.uint32)])
+def test_the_index_is_stored_in_the_smallest_type_that_holds_it(slices, dtype):
+    index = np.array([[0, slices - 1]])
+    result = FusionResult(np.zeros((1, 2), np.float32), np.zeros((1, 2), np.float32), index, slices)
+    for reverse in (False, True):
+        stored = render_outputs(result, [np.zeros((1, 2), np.uint8)], reverse, outputs=("depth_index",))["depth_index"]
+        assert stored.dtype == dtype
+        np.testing.assert_array_equal(stored, index[:, ::-1] if reverse else index)

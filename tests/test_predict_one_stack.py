@@ -178,3 +178,15 @@ def test_odd_shapes_fuse_through_the_whole_cli(tmp_path, random_weights, num_sli
     for name in OUTPUTS:
         if name.endswith(".png"):
             assert cv2.imread(str(tmp_path / "out" / name), cv2.IMREAD_UNCHANGED).shape[:2] == (height, width)
+
+
+def test_outputs_writes_only_the_chosen_files(tmp_path, random_weights):
+    stack = write_stack(tmp_path / "stack", textured_stack(3, 32, 40))
+    result = run("-i", stack, "-o", tmp_path / "out", "--model_path", random_weights, "--fixed_names",
+                 "--outputs", "color_fused")
+    assert result.returncode == 0, result.stderr
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["color_fused.png"]
+    bad = run("-i", stack, "-o", tmp_path / "out2", "--outputs", "fused")
+    assert bad.returncode == 2 and "invalid choice: 'fused'" in bad.stderr and bad.stderr.count("\n") == 1
+    assert not (tmp_path / "out2").exists()
+
