@@ -167,24 +167,25 @@ def render_outputs(result: FusionResult, images, reverse: bool = False, depth_bi
     """The released outputs of one stack that ``outputs`` names (OUTPUT_KINDS stems), keyed by stem.
 
     Fused pictures keep the input's bit depth (8 or 16); the depth map has
-    ``depth_bits`` (DEPTH_BITS), the other depth pictures are 8-bit.
-    ``reverse`` flips depth and index (1 - depth, N-1 - index) for stacks
-    ordered far-to-near; it does not change the fused images. The index is
-    stored in the smallest unsigned type that holds it (uint8 up to 256
-    slices).
+    ``depth_bits`` (DEPTH_BITS), the other depth pictures are 8-bit. Levels
+    are rounded, except with the released decoding (``card.released``), whose
+    pictures are truncated as the released script writes them. ``reverse``
+    flips depth and index (1 - depth, N-1 - index) for stacks ordered
+    far-to-near; it does not change the fused images. The index is stored in
+    the smallest unsigned type that holds it (uint8 up to 256 slices).
     """
     if depth_bits not in DEPTH_BITS:
         raise ValueError(f"depth_bits must be one of {DEPTH_BITS}, got {depth_bits!r}")
-    n = result.num_slices
+    n, released = result.num_slices, result.card.released
     depth = 1.0 - result.depth if reverse else result.depth
     index = (n - 1) - result.index if reverse else result.index
     render = {   # each computed only when asked for
-        "fused_gray": lambda: to_integer_image(result.fused_gray, images[0].dtype),
-        "depth_map": lambda: to_integer_image(depth, np.uint16 if depth_bits == 16 else np.uint8),
+        "fused_gray": lambda: to_integer_image(result.fused_gray, images[0].dtype, truncate=released),
+        "depth_map": lambda: to_integer_image(depth, np.uint16 if depth_bits == 16 else np.uint8, truncate=released),
         "color_fused": lambda: fuse_colour(images, result.index, result.weights, result.card),
         "depth_colormap": lambda: depth_colormap(depth),
         "depth_index": lambda: index.astype(np.min_scalar_type(max(n - 1, 0))),
-        "depth_index_vis": lambda: index_picture(index, n),
+        "depth_index_vis": lambda: index_picture(index, n, truncate=released),
     }
     return {stem: render[stem]() for stem in outputs}
 

@@ -124,6 +124,13 @@ class CardSettings:
                              "(the fused image picks by index); give a temperature > 0 or leave it out")
 
 
+    @property
+    def released(self) -> bool:
+        """Whether every setting is the released one: the authors' decoding, whose pictures are
+        written as their script writes them (truncated levels, the depth colormap without a scale)."""
+        return all(getattr(self, f.name) == f.default for f in fields(self))
+
+
 def card_argument_type(name: str):
     """An argparse type for card setting ``name``: its value, or one usage error saying what is wrong."""
     spec = next(f for f in fields(CardSettings) if f.name == name)

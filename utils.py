@@ -402,20 +402,18 @@ def depth_colormap(depth: np.ndarray) -> np.ndarray:
     return _RAINBOW[index]
 
 
-def to_integer_image(values: np.ndarray, dtype) -> np.ndarray:
-    """float in [0, 1] -> uint8 / uint16 by x its largest value and truncation, as released."""
-    return (np.clip(values, 0, 1) * dtype_max(dtype)).astype(dtype)
+def to_integer_image(values: np.ndarray, dtype, truncate: bool = False) -> np.ndarray:
+    """float in [0, 1] -> uint8 / uint16: x its largest value, rounded to the nearest level
+    (``truncate``: cut down, as the released script writes its pictures)."""
+    scaled = np.clip(values, 0, 1) * dtype_max(dtype)
+    return (scaled if truncate else np.rint(scaled)).astype(dtype)
 
 
-def to_uint8(values: np.ndarray) -> np.ndarray:
-    """float in [0, 1] -> uint8 by x255 and truncation, as released."""
-    return to_integer_image(values, np.uint8)
-
-
-def index_picture(index: np.ndarray, num_slices: int) -> np.ndarray:
-    """Slice index HxW -> uint8 picture index / (N - 1) x 255 (zeros when N = 1)."""
-    scale = 255.0 / max(num_slices - 1, 1)
-    return (index.astype(np.float64) * scale).astype(np.uint8)
+def index_picture(index: np.ndarray, num_slices: int, truncate: bool = False) -> np.ndarray:
+    """Slice index HxW -> uint8 picture index / (N - 1) x 255, rounded (``truncate``: cut down,
+    as released); zeros when N = 1."""
+    scaled = index.astype(np.float64) * (255.0 / max(num_slices - 1, 1))
+    return (scaled if truncate else np.rint(scaled)).astype(np.uint8)
 
 
 # ----------------------------------------------------------------------------- writing

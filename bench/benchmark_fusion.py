@@ -61,7 +61,7 @@ from make_datasets.make_synthetic import stretch_to_8bit  # noqa: E402
 from fusion import INDEX_RULES, TEST_VIEWS, FusionCard  # noqa: E402
 from model import load_model  # noqa: E402
 from utils import (InputError, ensure_output_dir, natural_sort_key, read_image, read_stack, run_cli,  # noqa: E402
-                   stack_to_tensor, to_gray_float, write_image)
+                   stack_to_tensor, to_gray_float, to_integer_image, write_image)
 
 OFFICIAL = REPO.parent / "shared" / "reference" / "official" / "model.pth"
 REAL_STACKS = REPO.parent / "shared" / "data" / "stacks"
@@ -348,7 +348,7 @@ def downscale(images, max_side):
 
 
 def labelled(gray, label):
-    tile = cv2.cvtColor((np.clip(gray, 0, 1) * 255).astype(np.uint8), cv2.COLOR_GRAY2BGR)
+    tile = cv2.cvtColor(to_integer_image(gray, np.uint8), cv2.COLOR_GRAY2BGR)
     cv2.putText(tile, label, (6, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 3, cv2.LINE_AA)
     cv2.putText(tile, label, (6, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (255, 255, 255), 1, cv2.LINE_AA)
     return tile

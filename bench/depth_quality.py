@@ -46,7 +46,7 @@ from make_datasets.make_synthetic import depth_map_to_index, kept_scenes  # noqa
 from metrics import slice_mae, speckle_share, textured_half  # noqa: E402
 from model import load_model  # noqa: E402
 from utils import (InputError, ensure_output_dir, read_stack, resize_to_multiple, run_cli, stack_to_tensor,  # noqa: E402
-                   to_gray_float, write_image)
+                   to_gray_float, to_integer_image, write_image)
 
 SPECKLE_BOUND = 0.5        # %, rule E (a)
 MAE_MARGIN = 0.05          # slices above the argmax pick's, rule E (b)
@@ -110,8 +110,8 @@ def depth_in_slices(images, logits, cards) -> dict:
 
 def figure(images, depths, n, path, max_width=1800):
     """Middle slice | argmax depth | guided depth, gray (near dark), shrunk to ``max_width`` for viewing."""
-    middle = (np.clip(to_gray_float(images[len(images) // 2]), 0, 1) * 255).astype(np.uint8)
-    tiles = [middle] + [(np.clip(depths[k] / max(n - 1, 1), 0, 1) * 255).astype(np.uint8) for k in (PICK, GUIDED)]
+    middle = to_integer_image(to_gray_float(images[len(images) // 2]), np.uint8)
+    tiles = [middle] + [to_integer_image(depths[k] / max(n - 1, 1), np.uint8) for k in (PICK, GUIDED)]
     picture = np.hstack(tiles)
     if picture.shape[1] > max_width:
         scale = max_width / picture.shape[1]

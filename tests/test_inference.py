@@ -75,6 +75,31 @@ def test_tiled_blend_at_an_odd_size_says_what_it_does_otherwise(random_model, ca
 
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_gray_outputs_are_rounded_to_the_nearest_level(random_model, dtype):
+    """Truncation left the fused gray image half a level dark on average."""
+    slices = textured_stack(num_slices=4, height=48, width=64, dtype=dtype)
+    result = fuse_images(random_model, BLEND, slices)
+    top = np.iinfo(dtype).max
+    exact = np.clip(result.fused_gray, 0, 1).astype(np.float64) * top
+    outputs = render_outputs(result, slices, depth_bits=16 if dtype == np.uint16 else 8)
+    gray = outputs["fused_gray"].astype(np.float64)
+    assert outputs["fused_gray"].dtype == dtype
+    assert abs(gray.mean() - exact.mean()) < 0.1
+    assert np.abs(gray - exact).max() <= 0.5 + 1e-6 * top
+    depth, depth_top = outputs["depth_map"].astype(np.float64), np.iinfo(outputs["depth_map"].dtype).max
+    assert np.abs(depth - result.depth.astype(np.float64) * depth_top).max() <= 0.5 + 1e-3
+
+
+def test_the_released_decoding_keeps_the_released_truncation(random_model):
+    """tests/test_parity.py compares the released script's pictures, which truncate; the released card keeps them."""
+    slices = textured_stack(num_slices=8, height=40, width=48)
+    result = fuse_images(random_model, FusionCard(), slices)
+    outputs = render_outputs(result, slices)
+    np.testing.assert_array_equal(outputs["fused_gray"], (np.clip(result.fused_gray, 0, 1) * 255).astype(np.uint8))
+    np.testing.assert_array_equal(outputs["depth_index_vis"], (result.index * (255 / 7)).astype(np.uint8))
+
+
 def test_outputs_chooses_what_is_rendered(random_model, monkeypatch):
     import inference
     slices = textured_stack(num_slices=3, height=40, width=48)

@@ -8,7 +8,8 @@ import torch
 
 from conftest import textured_stack
 from utils import (InputError, depth_colormap, images_by_stem, index_picture, list_images, natural_sort_key,
-                   read_image, read_stack, resize_to_multiple, to_gray_float, write_image, write_npy)
+                   read_image, read_stack, resize_to_multiple, to_gray_float, to_integer_image, write_image,
+                   write_npy)
 
 
 class TestNaturalSort:
@@ -135,6 +136,15 @@ class TestProcessing:
         assert tuple(colours[0, 0]) == (255, 0, 127) and tuple(colours[0, 1]) == (0, 0, 255)
         np.testing.assert_array_equal(index_picture(np.array([[0, 1, 5]]), 6), [[0, 51, 255]])
         np.testing.assert_array_equal(index_picture(np.array([[0]]), 1), [[0]])
+
+    def test_levels_are_rounded_unless_truncation_is_asked_for(self):
+        steps = np.arange(8)[None]                    # 255 / 7 = 36.43 levels per slice
+        np.testing.assert_array_equal(index_picture(steps, 8), [[0, 36, 73, 109, 146, 182, 219, 255]])
+        np.testing.assert_array_equal(index_picture(steps, 8, truncate=True), [[0, 36, 72, 109, 145, 182, 218, 255]])
+        values = np.array([0.0, 0.2 / 255, 0.6 / 255, 1.0, 1.5, -1.0])
+        np.testing.assert_array_equal(to_integer_image(values, np.uint8), [0, 0, 1, 255, 255, 0])
+        np.testing.assert_array_equal(to_integer_image(values, np.uint8, truncate=True), [0, 0, 0, 255, 255, 0])
+        assert to_integer_image(np.array([0.5]), np.uint16)[0] == 32768
 
 
 class TestAtomicWrites:
