@@ -240,7 +240,7 @@ def run_dataset(model, device, dataset: str, scenes: List[Scene], dataset_dir: P
     reader processes (readers.ReadInOrder).
 
     fuse_options: keyword arguments for inference.fuse_gray_batch (max_memory, precision);
-    render: for inference.render_outputs (outputs, reverse, depth_bits)."""
+    render: for inference.render_outputs (outputs, reverse, depth_bits, legend)."""
     fuse_options, render = fuse_options or {}, render or {}
     outputs = render.get("outputs", OUTPUT_NAMES)
     report = DatasetReport(dataset, scenes=len(scenes))
@@ -409,7 +409,7 @@ def run_batch_inference(args, find_scenes: Callable[[Path], List[Scene]]) -> Run
                                        fused_format=fused_format,
                                        fuse_options=dict(max_memory=args.max_memory, precision=args.precision),
                                        render=dict(outputs=args.outputs, reverse=args.reverse,
-                                                   depth_bits=args.depth_bits),
+                                                   depth_bits=args.depth_bits, legend=args.legend),
                                        card=card))
         summary = RunSummary(run_dir, str(device), ranks.world_size, args.batch_size,
                              merge_reports(_gather(reports, ranks)))

@@ -24,8 +24,8 @@ from model import load_model
 # The flags and the output kinds are defined in options.py (torch-free); imported from here too.
 from options import DEFAULT_MODEL, DEPTH_BITS, FUSED_KINDS, OUTPUT_KINDS, OUTPUT_NAMES  # noqa: F401
 from tiling import tiled_fuse
-from utils import (depth_colormap, encoder_params, index_picture, next_multiple, resize_back, resize_to_multiple,
-                   stack_to_tensor, to_gray, to_integer_image, write_image, write_npy)
+from utils import (colour_scale, depth_colormap, encoder_params, index_picture, next_multiple, resize_back,
+                   resize_to_multiple, stack_to_tensor, to_gray, to_integer_image, write_image, write_npy)
 
 
 def model_from_args(args, device):
@@ -163,7 +163,7 @@ def fuse_images(model, card: FusionCard, images, device=None, max_memory=None, p
 
 
 def render_outputs(result: FusionResult, images, reverse: bool = False, depth_bits: int = 8,
-                   outputs=OUTPUT_NAMES) -> dict:
+                   outputs=OUTPUT_NAMES, legend: Optional[bool] = None) -> dict:
     """The released outputs of one stack that ``outputs`` names (OUTPUT_KINDS stems), keyed by stem.
 
     Fused pictures keep the input's bit depth (8 or 16); the depth map has
@@ -171,19 +171,26 @@ def render_outputs(result: FusionResult, images, reverse: bool = False, depth_bi
     are rounded, except with the released decoding (``card.released``), whose
     pictures are truncated as the released script writes them. ``reverse``
     flips depth and index (1 - depth, N-1 - index) for stacks ordered
-    far-to-near; it does not change the fused images. The index is stored in
-    the smallest unsigned type that holds it (uint8 up to 256 slices).
+    far-to-near; it does not change the fused images. ``legend``: the depth
+    colormap with its colour scale (``utils.colour_scale``); None: on, except
+    with the released decoding. The index is stored in the smallest unsigned
+    type that holds it (uint8 up to 256 slices).
     """
     if depth_bits not in DEPTH_BITS:
         raise ValueError(f"depth_bits must be one of {DEPTH_BITS}, got {depth_bits!r}")
     n, released = result.num_slices, result.card.released
     depth = 1.0 - result.depth if reverse else result.depth
     index = (n - 1) - result.index if reverse else result.index
+
+    def colormap():
+        picture = depth_colormap(depth)
+        return colour_scale(picture, n, reverse) if (not released if legend is None else legend) else picture
+
     render = {   # each computed only when asked for
         "fused_gray": lambda: to_integer_image(result.fused_gray, images[0].dtype, truncate=released),
         "depth_map": lambda: to_integer_image(depth, np.uint16 if depth_bits == 16 else np.uint8, truncate=released),
         "color_fused": lambda: fuse_colour(images, result.index, result.weights, result.card),
-        "depth_colormap": lambda: depth_colormap(depth),
+        "depth_colormap": colormap,
         "depth_index": lambda: index.astype(np.min_scalar_type(max(n - 1, 0))),
         "depth_index_vis": lambda: index_picture(index, n, truncate=released),
     }

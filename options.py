@@ -123,7 +123,6 @@ class CardSettings:
             raise ValueError(f"{unused[0]} {getattr(self, unused[0]):g} has no effect with fusion_temperature 0 "
                              "(the fused image picks by index); give a temperature > 0 or leave it out")
 
-
     @property
     def released(self) -> bool:
         """Whether every setting is the released one: the authors' decoding, whose pictures are
@@ -221,6 +220,10 @@ def add_render_arguments(group):
     group.add_argument("--depth_bits", type=int, default=8, choices=DEPTH_BITS,
                        help="bits of depth_map: 8 (released) or 16, which keeps the sub-slice levels of "
                             "--depth_rule guided (default: 8)")
+    group.add_argument("--legend", action=argparse.BooleanOptionalAction, default=None,
+                       help="a colour scale beside the depth colormap: slice numbers, near and far as the stack's "
+                            "order says (slice 1 nearest unless --reverse) (default: on, except with the released "
+                            "decoding, whose picture stays as released)")
 
 
 def available_cpus() -> int:

@@ -48,7 +48,7 @@ def main(args):
     result = fuse_images(model, card, images, device, args.max_memory, args.precision)
     elapsed = time.perf_counter() - start
     paths = output_paths(output_dir, args.fixed_names, fused_suffix, args.outputs)
-    outputs = render_outputs(result, images, args.reverse, args.depth_bits, args.outputs)
+    outputs = render_outputs(result, images, args.reverse, args.depth_bits, args.outputs, args.legend)
     write_outputs(outputs, paths, read_stack_metadata(args.input_dir), **write_options)
     h, w = images[0].shape[:2]
     print(f"fused {len(images)} slices of {w}x{h} in {elapsed:.2f} s on {device}; outputs in {output_dir}")

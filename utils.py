@@ -402,6 +402,53 @@ def depth_colormap(depth: np.ndarray) -> np.ndarray:
     return _RAINBOW[index]
 
 
+def colour_scale(picture: np.ndarray, num_slices: int, reverse: bool = False) -> np.ndarray:
+    """``depth_colormap``'s picture with its colour scale in a white strip on the right.
+
+    The strip holds the palette from depth 0 (top) to 1 (bottom) and slice
+    numbers at their depths (``scale_labels``); the depth-0 end is marked
+    near and the other far, as the stack's order says (slice 1 is the
+    nearest unless ``reverse``). The map's own pixels stay as they are; a
+    picture too short for the scale is padded with white below.
+    """
+    h, w = picture.shape[:2]
+    text = max(10, h // 30)                                   # label height (px), grows with the picture
+    scale, thickness = cv2.getFontScaleFromHeight(_FONT, text), max(1, round(text / 12))
+    height = max(h, 8 * text)
+    top, bottom = text, height - 1 - text                     # the bar's first and last row (depth 0 and 1)
+    labels = scale_labels(num_slices, reverse, top, bottom, spacing=2 * text)
+    label_width = max(cv2.getTextSize(label, _FONT, scale, thickness)[0][0] for _, label in labels)
+    bar = w + text // 2                                       # the bar's first column; it is `text` wide
+    out = np.full((height, bar + text + text // 2 + label_width + text // 2, 3), 255, np.uint8)
+    out[:h, :w] = picture
+    rows = np.arange(top, bottom + 1)
+    out[top:bottom + 1, bar:bar + text] = depth_colormap((rows - top) / (bottom - top))[:, None]
+    for row, label in labels:
+        cv2.line(out, (bar + text, row), (bar + text + text // 3, row), (0, 0, 0), thickness)
+        cv2.putText(out, label, (bar + text + text // 2, row + text // 2), _FONT, scale, (0, 0, 0), thickness,
+                    cv2.LINE_AA)
+    return out
+
+
+_FONT = cv2.FONT_HERSHEY_SIMPLEX
+
+
+def scale_labels(num_slices: int, reverse: bool, top: int, bottom: int, spacing: int) -> list:
+    """The labels of ``colour_scale``: [(row, text)] with slice numbers at their depths, from row
+    ``top`` (depth 0) to ``bottom`` (depth 1), every k-th slice for the smallest k of 1, 2, 5, 10,
+    20, ... that keeps labels ``spacing`` rows apart, and both ends ('1 near' ... '8 far'; with
+    ``reverse``, '8 near' ... '1 far')."""
+    last = max(num_slices - 1, 1)                             # depth steps between the two ends
+    step = next(k * 10 ** e for e in range(12) for k in (1, 2, 5) if (bottom - top) * k * 10 ** e >= spacing * last)
+    row = [top + round((bottom - top) * j / last) for j in range(num_slices)]
+    shown = [j for j in range(0, num_slices, step) if bottom - row[j] >= spacing] + [num_slices - 1]
+
+    def name(j):     # slice number of the j-th depth step from the near end
+        number = num_slices - j if reverse else j + 1
+        return f"{number} near" if j == 0 else f"{number} far" if j == num_slices - 1 else str(number)
+    return [(row[j], name(j)) for j in shown]
+
+
 def to_integer_image(values: np.ndarray, dtype, truncate: bool = False) -> np.ndarray:
     """float in [0, 1] -> uint8 / uint16: x its largest value, rounded to the nearest level
     (``truncate``: cut down, as the released script writes its pictures)."""

@@ -121,7 +121,7 @@ def test_the_predict_scripts_share_their_flags():
     per_dataset = {"--test_root", "--test_datasets", "--run_name", "--skip_existing", "--batch_size", "--num_workers"}
     assert one - per_scene == stacks - per_dataset
     assert pairs == stacks - {"--every"}                     # a pair has no slices to skip
-    for flag in ("--reverse", "--depth_bits", "--outputs", "-o", "--max_memory", "--views"):
+    for flag in ("--reverse", "--depth_bits", "--outputs", "--legend", "-o", "--max_memory", "--views"):
         assert flag in one & stacks & pairs
 
 

@@ -74,7 +74,6 @@ def test_tiled_blend_at_an_odd_size_says_what_it_does_otherwise(random_model, ca
 # ----------------------------------------------------------------------------- render_outputs
 
 
-
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
 def test_gray_outputs_are_rounded_to_the_nearest_level(random_model, dtype):
     """Truncation left the fused gray image half a level dark on average."""
@@ -98,6 +97,8 @@ def test_the_released_decoding_keeps_the_released_truncation(random_model):
     outputs = render_outputs(result, slices)
     np.testing.assert_array_equal(outputs["fused_gray"], (np.clip(result.fused_gray, 0, 1) * 255).astype(np.uint8))
     np.testing.assert_array_equal(outputs["depth_index_vis"], (result.index * (255 / 7)).astype(np.uint8))
+    assert outputs["depth_colormap"].shape == (40, 48, 3)                       # the released picture
+    assert render_outputs(result, slices, legend=True)["depth_colormap"].shape[1] > 48
 
 
 def test_outputs_chooses_what_is_rendered(random_model, monkeypatch):
@@ -116,3 +117,12 @@ def test_the_index_is_stored_in_the_smallest_type_that_holds_it(slices, dtype):
         stored = render_outputs(result, [np.zeros((1, 2), np.uint8)], reverse, outputs=("depth_index",))["depth_index"]
         assert stored.dtype == dtype
         np.testing.assert_array_equal(stored, index[:, ::-1] if reverse else index)
+
+
+def test_the_colour_scale_is_the_default_beside_a_decoding_of_our_own(random_model):
+    slices = textured_stack(num_slices=3, height=40, width=48)
+    result = fuse_images(random_model, BLEND, slices)
+    with_scale = render_outputs(result, slices)["depth_colormap"]
+    plain = render_outputs(result, slices, legend=False)["depth_colormap"]
+    assert plain.shape == (40, 48, 3) and with_scale.shape[1] > 48
+    np.testing.assert_array_equal(with_scale[:40, :48], plain)
