@@ -162,18 +162,29 @@ def _gather(value, ranks: Ranks) -> list:
 
 # ----------------------------------------------------------------------------- run folder
 
+def is_run_dir(folder: Path) -> bool:
+    """Whether ``folder`` holds a run: its summary.json, or a dataset folder with an output folder."""
+    kinds = {kind for _, kind, _ in OUTPUT_KINDS}
+    return (folder / SUMMARY_FILE).is_file() or any(
+        dataset.is_dir() and any((dataset / kind).is_dir() for kind in kinds) for dataset in folder.iterdir())
+
+
+def last_run_dir(output_dir: Path) -> Optional[Path]:
+    """The run folder in ``output_dir`` written to last (a run adds its dataset folders as it goes and
+    summary.json at the end), whatever its name; None when there is none."""
+    runs = [p for p in output_dir.iterdir() if p.is_dir() and is_run_dir(p)] if output_dir.is_dir() else []
+    return max(runs, key=lambda p: (p.stat().st_mtime_ns, p.name), default=None)
+
+
 def choose_run_dir(output_dir: Path, run_name: Optional[str], skip_existing: bool) -> Path:
-    """--run_name if given; else, with --skip_existing, the newest results_* folder;
-    else a new results_<timestamp>."""
+    """--run_name if given; else, with --skip_existing, the run folder written to last
+    (``last_run_dir``); else (or when there is none) a new results_<timestamp>."""
     if run_name:
         if Path(run_name).name != run_name or run_name in (".", ".."):
             raise InputError(f"--run_name '{run_name}' must be a plain folder name, not a path")
         return output_dir / run_name
-    if skip_existing and output_dir.is_dir():
-        previous = sorted(p for p in output_dir.iterdir() if p.is_dir() and p.name.startswith(RUN_PREFIX))
-        if previous:
-            return previous[-1]
-    return output_dir / time.strftime(f"{RUN_PREFIX}%Y%m%d_%H%M%S")
+    last = last_run_dir(output_dir) if skip_existing else None
+    return last or output_dir / time.strftime(f"{RUN_PREFIX}%Y%m%d_%H%M%S")
 
 
 # ----------------------------------------------------------------------------- one dataset
@@ -385,7 +396,11 @@ def run_batch_inference(args, find_scenes: Callable[[Path], List[Scene]]) -> Run
                 run_dir = choose_run_dir(output_dir, args.run_name, args.skip_existing)
                 existed = run_dir.is_dir()
                 ensure_output_dir(run_dir)
-                print(f"{'continuing' if existed and args.skip_existing else 'writing to'} {run_dir}")
+                if existed and args.skip_existing:
+                    print(f"continuing {run_dir}" if args.run_name else
+                          f"continuing {run_dir}, the run folder written to last (--run_name picks another)")
+                else:
+                    print(f"writing to {run_dir}")
             except InputError as exc:
                 error = str(exc)
         # Every rank writes into rank 0's folder (or stops with rank 0's error).

@@ -278,7 +278,7 @@ def predict_parser(doc: str, scenes: str) -> ArgumentParser:
                               "give the same name again to resume with --skip_existing")
         out.add_argument("--skip_existing", action="store_true",
                          help="skip scenes whose outputs (those of --outputs) already exist; without --run_name, "
-                              "continue the newest results_* folder in --output_dir")
+                              "continue the run folder of --output_dir written to last (a new one if it has none)")
     add_render_arguments(out)
     add_output_format_arguments(out)
 

@@ -30,7 +30,7 @@ def main(args):
     from exposure import match_exposure
     from inference import fuse_images, model_from_args, render_outputs, write_outputs
     from Registration import align_stack
-    from utils import (ensure_output_dir, output_format_from_args, read_stack, read_stack_metadata,
+    from utils import (output_folder, output_format_from_args, read_stack, read_stack_metadata,
                        refuse_output_into_input, select_device)
 
     refuse_output_into_input(args.output_dir, args.input_dir, what="--output_dir")
@@ -43,13 +43,13 @@ def main(args):
         images, gains = match_exposure(images)
         print(f"matched exposure to slice 1: gains {gains.min():.3f} to {gains.max():.3f}")
     model, card = model_from_args(args, device)
-    output_dir = ensure_output_dir(args.output_dir)
-    start = time.perf_counter()
-    result = fuse_images(model, card, images, device, args.max_memory, args.precision)
-    elapsed = time.perf_counter() - start
-    paths = output_paths(output_dir, args.fixed_names, fused_suffix, args.outputs)
-    outputs = render_outputs(result, images, args.reverse, args.depth_bits, args.outputs, args.legend)
-    write_outputs(outputs, paths, read_stack_metadata(args.input_dir), **write_options)
+    with output_folder(args.output_dir) as output_dir:
+        start = time.perf_counter()
+        result = fuse_images(model, card, images, device, args.max_memory, args.precision)
+        elapsed = time.perf_counter() - start
+        paths = output_paths(output_dir, args.fixed_names, fused_suffix, args.outputs)
+        outputs = render_outputs(result, images, args.reverse, args.depth_bits, args.outputs, args.legend)
+        write_outputs(outputs, paths, read_stack_metadata(args.input_dir), **write_options)
     h, w = images[0].shape[:2]
     print(f"fused {len(images)} slices of {w}x{h} in {elapsed:.2f} s on {device}; outputs in {output_dir}")
     return paths

@@ -734,6 +734,26 @@ def ensure_output_dir(path) -> Path:
     return path
 
 
+@contextmanager
+def output_folder(path):
+    """``ensure_output_dir`` for the block: the folder (and the parents it needed) is made on entry,
+    so that an unusable one stops the run before its work, and removed again when the block ends
+    in an error or an interrupt having written nothing into it."""
+    path = Path(path)
+    made = [p for p in (path, *path.parents) if not p.exists()]      # deepest first
+    try:
+        yield ensure_output_dir(path)
+    except BaseException:
+        for folder in made:
+            try:
+                folder.rmdir()
+            except FileNotFoundError:    # the failure came before it was made
+                continue
+            except OSError:              # not empty: something was written, so it stays
+                break
+        raise
+
+
 def refuse_output_into_input(output, *inputs, what="output folder"):
     """InputError when ``output`` is one of the ``inputs`` folders (after resolving
     links and '..'): writing there would overwrite input files or mix outputs

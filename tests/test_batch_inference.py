@@ -237,6 +237,24 @@ class TestPredictDatasets:
         resumed = predict_datasets.main(stack_args(stack_root, weights, out, "--skip_existing"))
         assert resumed.run_dir == first.run_dir and resumed.datasets[0].skipped == 6
 
+    def test_skip_existing_alone_continues_the_run_written_to_last(self, stack_root, weights, tmp_path, capsys):
+        """Whatever its name: a run named r1, cut short, then --skip_existing without --run_name."""
+        out = tmp_path / "out"
+        older, cut = out / "results_20000101_000000", out / "r1"
+        predict_datasets.main(stack_args(stack_root, weights, out, "--run_name", older.name))
+        predict_datasets.main(stack_args(stack_root, weights, out, "--run_name", cut.name))
+        (cut / "summary.json").unlink()                       # r1 ends as if killed after four scenes
+        for scene in ("s3", "s10"):
+            (cut / "syn" / "depth_maps" / f"{scene}.png").unlink()
+        os.utime(older, ns=(10**18, 10**18))                  # last written to: r1, then the older run
+        os.utime(cut, ns=(2 * 10**18, 2 * 10**18))
+        capsys.readouterr()
+        resumed = predict_datasets.main(stack_args(stack_root, weights, out, "--skip_existing"))
+        assert resumed.run_dir == cut and (resumed.datasets[0].skipped, resumed.datasets[0].fused) == (4, 2)
+        assert f"continuing {cut}, the run folder written to last" in capsys.readouterr().out
+        os.utime(older, ns=(3 * 10**18, 3 * 10**18))
+        assert predict_datasets.main(stack_args(stack_root, weights, out, "--skip_existing")).run_dir == older
+
     def test_the_single_stack_flags_apply_to_every_stack(self, stack_root, weights, tmp_path):
         """--reverse, --depth_bits and --outputs (once unknown to predict_datasets.py) as on one stack."""
         out, chosen = tmp_path / "out", ("depth_map", "depth_index")
