@@ -402,6 +402,9 @@ def depth_colormap(depth: np.ndarray) -> np.ndarray:
     return _RAINBOW[index]
 
 
+_FONT = cv2.FONT_HERSHEY_SIMPLEX      # the colour scale's labels
+
+
 def colour_scale(picture: np.ndarray, num_slices: int, reverse: bool = False) -> np.ndarray:
     """``depth_colormap``'s picture with its colour scale in a white strip on the right.
 
@@ -428,9 +431,6 @@ def colour_scale(picture: np.ndarray, num_slices: int, reverse: bool = False) ->
         cv2.putText(out, label, (bar + text + text // 2, row + text // 2), _FONT, scale, (0, 0, 0), thickness,
                     cv2.LINE_AA)
     return out
-
-
-_FONT = cv2.FONT_HERSHEY_SIMPLEX
 
 
 def scale_labels(num_slices: int, reverse: bool, top: int, bottom: int, spacing: int) -> list:
