@@ -27,7 +27,6 @@ too few features, ECC does not converge, implausible result) is reported
 with a ``RegistrationWarning`` and falls back as documented in
 docs/registration.md; bad input raises ``utils.InputError``.
 """
-import argparse
 import os
 import secrets
 import shutil
@@ -40,10 +39,12 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from cli import ArgumentParser
+from options import ALIGN_METHODS
 from utils import (InputError, check_stack, ensure_output_dir, read_stack, refuse_output_into_input, run_cli,
                    to_gray_float, write_image)
 
-METHODS = ("released", "ecc")
+METHODS = ALIGN_METHODS          # defined in options.py, where --align offers them
 REFERENCES = ("first", "last", "middle", "sharpest")
 ECC_MOTIONS = {"affine": cv2.MOTION_AFFINE, "homography": cv2.MOTION_HOMOGRAPHY}
 
@@ -471,14 +472,8 @@ def align_stack(images, method="released", reference="first", motion=None,
 
 # ----------------------------------------------------------------------------- command line
 
-def add_align_argument(group):
-    """The ``--align`` flag of the predict scripts: register slices before fusing."""
-    group.add_argument("--align", type=str, choices=("none",) + METHODS, default="none",
-                       help="register the slices before fusing (see docs/registration.md)")
-
-
 def get_args_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     io = parser.add_argument_group("input and output")
     io.add_argument("input", type=str, help="folder of frames (natural file-name order) or a multi-page TIFF")
     io.add_argument("-o", "--output", type=str, default="./aligned",

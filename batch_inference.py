@@ -1,9 +1,11 @@
-"""The engine behind predict_datasets.py and predict_pair_datasets.py.
+"""The engine behind predict_datasets.py and predict_pair_datasets.py (run those: this module has no
+command line of its own).
 
 The two scripts differ only in how they find scenes in a dataset folder; this
 module does the rest, once: shard the scenes over torchrun ranks, skip scenes
-already done, read scenes in DataLoader workers, batch stacks of one size and
-length, run inference.fuse_gray_batch, write the six released outputs
+already done, read scenes in reader processes (readers.py: a reader that dies
+is replaced), batch stacks of one size and length, run
+inference.fuse_gray_batch, write the released outputs (those of --outputs)
 atomically, time the forward pass and report failures.
 
 Output layout, as released::
@@ -25,16 +27,17 @@ from typing import Callable, List, Optional
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from inference import (FUSED_KINDS, OUTPUT_KINDS, add_model_arguments, fuse_gray_batch, model_from_args, render_outputs,
-                       write_outputs)
+from cli import ArgumentParser
+from exposure import match_exposure
 from fusion import FusionCard
-from exposure import add_exposure_argument, match_exposure
-from Registration import add_align_argument, align_stack
-from utils import (InputError, add_output_format_arguments, ensure_output_dir, output_format_from_args, select_device,
-                   stack_to_tensor, write_text)
+from inference import FUSED_KINDS, OUTPUT_KINDS, fuse_gray_batch, model_from_args, render_outputs, write_outputs
+from options import OUTPUT_NAMES
+from readers import ReaderDied, ReaderStartError, ReadInOrder
+from Registration import align_stack
+from utils import (InputError, ensure_output_dir, output_format_from_args, select_device, stack_to_tensor,
+                   write_text)
 
 RUN_PREFIX = "results_"
 SUMMARY_FILE = "summary.json"
@@ -42,49 +45,6 @@ SUMMARY_FILE = "summary.json"
 GATHER_TIMEOUT = timedelta(hours=24)
 # Stacks waiting for partners of their size: past this many, the oldest group runs anyway.
 MAX_PENDING_FACTOR = 4
-
-
-# ----------------------------------------------------------------------------- command line
-
-def available_cpus() -> int:
-    """CPUs this process may run on: its affinity mask where the OS has one (a
-    container or taskset may allow fewer than the machine has), else the count."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
-def default_workers(cpus: int) -> int:
-    """Reader processes beside the main one, which fuses: min(4, cpus - 1), 0 on one CPU."""
-    return max(0, min(4, cpus - 1))
-
-
-def add_common_args(parser, default_output: str, default_batch: int):
-    """Flags shared by both dataset scripts (see their --help)."""
-    data = parser.add_argument_group("data")
-    data.add_argument("--test_root", type=str, required=True, help="folder holding the dataset folders")
-    data.add_argument("--test_datasets", type=str, nargs="+", required=True,
-                      help="dataset folder names under --test_root")
-    add_align_argument(data)
-    add_exposure_argument(data)
-    out = parser.add_argument_group("output and resume")
-    out.add_argument("--output_dir", type=str, default=default_output,
-                     help="results go to <output_dir>/<run folder>/<dataset>/<kind>/<scene>.<ext>")
-    out.add_argument("--run_name", type=str, default=None,
-                     help="name of the run folder (default: results_<timestamp>); "
-                          "give the same name again to resume with --skip_existing")
-    out.add_argument("--skip_existing", action="store_true",
-                     help="skip scenes whose six outputs already exist; without --run_name, "
-                          "continue the newest results_* folder in --output_dir")
-    add_output_format_arguments(out)
-    run = add_model_arguments(parser.add_argument_group("model and speed"))
-    run.add_argument("--batch_size", type=int, default=default_batch,
-                     help="stacks per forward pass (only stacks of one size and length share a batch)")
-    cpus = available_cpus()
-    run.add_argument("--num_workers", type=int, default=default_workers(cpus),
-                     help=f"DataLoader processes that read images (0: read in the main process); "
-                          f"default min(4, CPUs - 1), {default_workers(cpus)} on this machine's {cpus} CPU(s)")
-    return parser
 
 
 # ----------------------------------------------------------------------------- scenes
@@ -116,19 +76,14 @@ def _describe(exc: BaseException) -> str:
     return str(exc) if isinstance(exc, InputError) else f"{type(exc).__name__}: {exc}"
 
 
-class SceneReader(Dataset):
-    """Reads scenes (in DataLoader workers); a bad scene comes back with its error, never raises."""
+class SceneReader:
+    """Reads a scene (in a reader process): a bad scene comes back with its error, never raises."""
 
-    def __init__(self, scenes: List[Scene], align: str = "none", match_exposure: bool = False):
-        self.scenes = scenes
+    def __init__(self, align: str = "none", match_exposure: bool = False):
         self.align = align
         self.match_exposure = match_exposure
 
-    def __len__(self):
-        return len(self.scenes)
-
-    def __getitem__(self, i) -> LoadedScene:
-        scene = self.scenes[i]
+    def __call__(self, scene: Scene) -> LoadedScene:
         if scene.error:
             return LoadedScene(scene.name, error=scene.error)
         try:
@@ -143,15 +98,11 @@ class SceneReader(Dataset):
         return LoadedScene(scene.name, images=images, metadata=metadata)
 
 
-def _keep_as_is(item):
-    return item
-
-
-def scene_output_paths(dataset_dir: Path, scene: str, fused_suffix: str = ".png") -> dict:
-    """Stem -> <dataset_dir>/<kind folder>/<scene><ext> for the six released outputs
-    (the two fused images with ``fused_suffix``)."""
+def scene_output_paths(dataset_dir: Path, scene: str, fused_suffix: str = ".png", outputs=OUTPUT_NAMES) -> dict:
+    """Stem -> <dataset_dir>/<kind folder>/<scene><ext> for each of ``outputs`` (released
+    outputs, OUTPUT_KINDS stems), the two fused images with ``fused_suffix``."""
     return {stem: dataset_dir / folder / f"{scene}{fused_suffix if stem in FUSED_KINDS else ext}"
-            for stem, folder, ext in OUTPUT_KINDS}
+            for stem, folder, ext in OUTPUT_KINDS if stem in outputs}
 
 
 def is_done(paths: dict) -> bool:
@@ -211,18 +162,29 @@ def _gather(value, ranks: Ranks) -> list:
 
 # ----------------------------------------------------------------------------- run folder
 
+def is_run_dir(folder: Path) -> bool:
+    """Whether ``folder`` holds a run: its summary.json, or a dataset folder with an output folder."""
+    kinds = {kind for _, kind, _ in OUTPUT_KINDS}
+    return (folder / SUMMARY_FILE).is_file() or any(
+        dataset.is_dir() and any((dataset / kind).is_dir() for kind in kinds) for dataset in folder.iterdir())
+
+
+def last_run_dir(output_dir: Path) -> Optional[Path]:
+    """The run folder in ``output_dir`` written to last (a run adds its dataset folders as it goes and
+    summary.json at the end), whatever its name; None when there is none."""
+    runs = [p for p in output_dir.iterdir() if p.is_dir() and is_run_dir(p)] if output_dir.is_dir() else []
+    return max(runs, key=lambda p: (p.stat().st_mtime_ns, p.name), default=None)
+
+
 def choose_run_dir(output_dir: Path, run_name: Optional[str], skip_existing: bool) -> Path:
-    """--run_name if given; else, with --skip_existing, the newest results_* folder;
-    else a new results_<timestamp>."""
+    """--run_name if given; else, with --skip_existing, the run folder written to last
+    (``last_run_dir``); else (or when there is none) a new results_<timestamp>."""
     if run_name:
         if Path(run_name).name != run_name or run_name in (".", ".."):
             raise InputError(f"--run_name '{run_name}' must be a plain folder name, not a path")
         return output_dir / run_name
-    if skip_existing and output_dir.is_dir():
-        previous = sorted(p for p in output_dir.iterdir() if p.is_dir() and p.name.startswith(RUN_PREFIX))
-        if previous:
-            return previous[-1]
-    return output_dir / time.strftime(f"{RUN_PREFIX}%Y%m%d_%H%M%S")
+    last = last_run_dir(output_dir) if skip_existing else None
+    return last or output_dir / time.strftime(f"{RUN_PREFIX}%Y%m%d_%H%M%S")
 
 
 # ----------------------------------------------------------------------------- one dataset
@@ -250,7 +212,7 @@ def _synchronize(device):
         torch.mps.synchronize()
 
 
-def _fuse_and_write(model, card, device, batch: List[LoadedScene], dataset_dir: Path, reverse: bool,
+def _fuse_and_write(model, card, device, batch: List[LoadedScene], dataset_dir: Path, render: dict,
                     report: DatasetReport, fuse_options: dict, fused_format=(".png", {})):
     """Fuse one batch (one key), write every scene's outputs; a failing batch of
     several is retried stack by stack so that only the culprit is reported."""
@@ -265,16 +227,15 @@ def _fuse_and_write(model, card, device, batch: List[LoadedScene], dataset_dir: 
     except Exception as exc:
         if len(batch) > 1:
             for scene in batch:
-                _fuse_and_write(model, card, device, [scene], dataset_dir, reverse, report, fuse_options, fused_format)
+                _fuse_and_write(model, card, device, [scene], dataset_dir, render, report, fuse_options, fused_format)
             return
         report.failed[batch[0].name] = f"inference failed: {_describe(exc)}"
         return
     report.forward_seconds += elapsed
     for scene, result in zip(batch, results):
         try:
-            write_outputs(render_outputs(result, scene.images, reverse),
-                          scene_output_paths(dataset_dir, scene.name, fused_format[0]), scene.metadata,
-                          **fused_format[1])
+            paths = scene_output_paths(dataset_dir, scene.name, fused_format[0], render.get("outputs", OUTPUT_NAMES))
+            write_outputs(render_outputs(result, scene.images, **render), paths, scene.metadata, **fused_format[1])
         except Exception as exc:
             report.failed[scene.name] = f"cannot write outputs: {_describe(exc)}"
             continue
@@ -282,62 +243,65 @@ def _fuse_and_write(model, card, device, batch: List[LoadedScene], dataset_dir: 
 
 
 def run_dataset(model, device, dataset: str, scenes: List[Scene], dataset_dir: Path, *, batch_size: int,
-                num_workers: int, skip_existing: bool, reverse: bool, ranks: Ranks, match_exposure: bool = False,
-                fused_format=(".png", {}),
-                align: str = "none", fuse_options: Optional[dict] = None,
-                card: FusionCard = FusionCard()) -> DatasetReport:
+                num_workers: int, skip_existing: bool, ranks: Ranks, match_exposure: bool = False,
+                fused_format=(".png", {}), align: str = "none", fuse_options: Optional[dict] = None,
+                render: Optional[dict] = None, card: FusionCard = FusionCard()) -> DatasetReport:
     """Fuse this rank's share of ``scenes`` (every world_size-th, in order), decoded by ``card``
-    (default: the released decoding; main passes the checkpoint's).
+    (default: the released decoding; main passes the checkpoint's), read in ``num_workers``
+    reader processes (readers.ReadInOrder).
 
-    fuse_options: keyword arguments for inference.fuse_gray_batch (max_memory, precision)."""
-    fuse_options = fuse_options or {}
+    fuse_options: keyword arguments for inference.fuse_gray_batch (max_memory, precision);
+    render: for inference.render_outputs (outputs, reverse, depth_bits, legend)."""
+    fuse_options, render = fuse_options or {}, render or {}
+    outputs = render.get("outputs", OUTPUT_NAMES)
     report = DatasetReport(dataset, scenes=len(scenes))
     mine = scenes[ranks.rank::ranks.world_size]
     todo = []
     for scene in mine:
         if skip_existing and scene.error is None and is_done(
-                scene_output_paths(dataset_dir, scene.name, fused_format[0])):
+                scene_output_paths(dataset_dir, scene.name, fused_format[0], outputs)):
             report.skipped += 1
         else:
             todo.append(scene)
-    for _, folder, _ in OUTPUT_KINDS:
-        ensure_output_dir(dataset_dir / folder)
+    for stem, folder, _ in OUTPUT_KINDS:
+        if stem in outputs:
+            ensure_output_dir(dataset_dir / folder)
     bar = tqdm(total=len(mine), initial=report.skipped, unit="stack",
                desc=dataset if not ranks.distributed else f"{dataset} [rank {ranks.rank}]")
-    loader = DataLoader(SceneReader(todo, align, match_exposure), batch_size=None, shuffle=False,
-                        collate_fn=_keep_as_is, num_workers=min(num_workers, len(todo)))
     pending = {}   # key -> stacks waiting for a full batch
 
     def flush(key):
         batch = pending.pop(key)
         before = len(report.failed)
-        _fuse_and_write(model, card, device, batch, dataset_dir, reverse, report, fuse_options, fused_format)
+        _fuse_and_write(model, card, device, batch, dataset_dir, render, report, fuse_options, fused_format)
         for name in list(report.failed)[before:]:
             bar.write(f"{dataset}/{name}: {report.failed[name]}")
         bar.update(len(batch))
 
+    def retry(scene, how):
+        bar.write(f"{dataset}/{scene.name}: its reader process {how}; reading it again in a new one")
+
     try:
-        for scene in loader:
-            if scene.error:
-                report.failed[scene.name] = scene.error
-                bar.write(f"{dataset}/{scene.name}: {scene.error}")
-                bar.update(1)
-                continue
-            pending.setdefault(scene.key, []).append(scene)
-            if len(pending[scene.key]) >= batch_size:
-                flush(scene.key)
-            elif sum(map(len, pending.values())) > MAX_PENDING_FACTOR * batch_size:
-                flush(next(iter(pending)))   # bound memory when sizes keep changing
+        with ReadInOrder(SceneReader(align, match_exposure), todo, num_workers, on_retry=retry) as loaded:
+            for scene, read in zip(todo, loaded):
+                if isinstance(read, ReaderDied):
+                    read = LoadedScene(scene.name, error=f"its reader process {read.how} each time it read the "
+                                                         f"scene (--num_workers 0 reads in the main process)")
+                if read.error:
+                    report.failed[read.name] = read.error
+                    bar.write(f"{dataset}/{read.name}: {read.error}")
+                    bar.update(1)
+                    continue
+                pending.setdefault(read.key, []).append(read)
+                if len(pending[read.key]) >= batch_size:
+                    flush(read.key)
+                elif sum(map(len, pending.values())) > MAX_PENDING_FACTOR * batch_size:
+                    flush(next(iter(pending)))   # bound memory when sizes keep changing
         for key in list(pending):
             flush(key)
-    except RuntimeError as exc:
-        # A reader process killed from outside (out of memory, a crash in a
-        # decoder): every file written so far is whole, so the run can resume.
-        if "DataLoader worker" not in str(exc):
-            raise
-        raise InputError(f"a reader process died while reading '{dataset}' ({exc}); the outputs written so "
-                         f"far are complete: rerun with --run_name and --skip_existing to continue "
-                         f"(--num_workers 0 reads in the main process)") from None
+    except ReaderStartError as exc:
+        raise InputError(f"cannot go on reading '{dataset}': {exc}; the outputs written so far are complete: "
+                         f"rerun with --skip_existing (and --run_name) to continue") from None
     finally:
         bar.close()   # an interrupted bar must not redraw itself after the closing message
     return report
@@ -407,7 +371,7 @@ def write_summary(summary: RunSummary):
 
 # ----------------------------------------------------------------------------- the whole run
 
-def run_batch_inference(args, find_scenes: Callable[[Path], List[Scene]], reverse: bool = False) -> RunSummary:
+def run_batch_inference(args, find_scenes: Callable[[Path], List[Scene]]) -> RunSummary:
     """Run every dataset in args.test_datasets; ``find_scenes(dataset_dir)`` lists a
     dataset's scenes or raises InputError when its layout is missing."""
     if args.batch_size < 1:
@@ -432,7 +396,11 @@ def run_batch_inference(args, find_scenes: Callable[[Path], List[Scene]], revers
                 run_dir = choose_run_dir(output_dir, args.run_name, args.skip_existing)
                 existed = run_dir.is_dir()
                 ensure_output_dir(run_dir)
-                print(f"{'continuing' if existed and args.skip_existing else 'writing to'} {run_dir}")
+                if existed and args.skip_existing:
+                    print(f"continuing {run_dir}" if args.run_name else
+                          f"continuing {run_dir}, the run folder written to last (--run_name picks another)")
+                else:
+                    print(f"writing to {run_dir}")
             except InputError as exc:
                 error = str(exc)
         # Every rank writes into rank 0's folder (or stops with rank 0's error).
@@ -451,10 +419,12 @@ def run_batch_inference(args, find_scenes: Callable[[Path], List[Scene]], revers
                 continue
             reports.append(run_dataset(model, device, dataset, scenes, run_dir / dataset,
                                        batch_size=args.batch_size, num_workers=args.num_workers,
-                                       skip_existing=args.skip_existing, reverse=reverse, ranks=ranks,
+                                       skip_existing=args.skip_existing, ranks=ranks,
                                        align=args.align, match_exposure=args.match_exposure,
                                        fused_format=fused_format,
                                        fuse_options=dict(max_memory=args.max_memory, precision=args.precision),
+                                       render=dict(outputs=args.outputs, reverse=args.reverse,
+                                                   depth_bits=args.depth_bits, legend=args.legend),
                                        card=card))
         summary = RunSummary(run_dir, str(device), ranks.world_size, args.batch_size,
                              merge_reports(_gather(reports, ranks)))
@@ -466,3 +436,9 @@ def run_batch_inference(args, find_scenes: Callable[[Path], List[Scene]], revers
         if ranks.distributed and dist.is_initialized():
             dist.destroy_process_group()
 
+
+if __name__ == "__main__":
+    # No command line of its own: --help shows what it is, anything else says what to run.
+    ArgumentParser(description=__doc__).parse_args()
+    ArgumentParser().error("batch_inference.py is the engine of predict_datasets.py and predict_pair_datasets.py: "
+                           "run one of those")

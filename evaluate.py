@@ -17,7 +17,6 @@ mean over the scenes every method has, best value in bold) is printed and
 saved as <dataset>.md and <dataset>.csv, with the per-scene values in
 <dataset>_per_scene.csv.
 """
-import argparse
 import csv
 import io
 import math
@@ -28,8 +27,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from inference import OUTPUT_KINDS
+from cli import ArgumentParser
 from metrics import METRIC_NAMES, METRICS, to_gray255
+from options import OUTPUT_KINDS
 from utils import (InputError, ensure_output_dir, images_by_stem, list_images, natural_sort_key, read_image,
                    run_cli, write_text)
 
@@ -39,13 +39,13 @@ DEPTH_DIR = next(folder for stem, folder, _ in OUTPUT_KINDS if stem == "depth_ma
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     inputs = parser.add_argument_group("input")
     inputs.add_argument("--methods", type=str, nargs="+", required=True, metavar="[NAME=]FOLDER",
                         help="result folders, one per method; the column name is the folder name unless NAME= is given")
     inputs.add_argument("--data_root", type=str, default=None,
                         help="folder holding <dataset>/AiF/ (and depth/, A/ + B/ or dof_stack/); "
-                             "without it only no-reference metrics are reported")
+                             "without it (the default) only no-reference metrics are reported")
     inputs.add_argument("--datasets", type=str, nargs="+", default=None,
                         help="datasets to score (default: every dataset found in the result folders)")
     inputs.add_argument("--metrics", type=str, nargs="+", default=None, choices=METRIC_NAMES, metavar="METRIC",

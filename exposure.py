@@ -84,13 +84,6 @@ def apply_gains(image, gains) -> np.ndarray:
     return np.clip(np.rint(scaled), 0, dtype_max(image.dtype)).astype(image.dtype)
 
 
-def add_exposure_argument(group):
-    group.add_argument("--match_exposure", action="store_true",
-                       help="scale every slice, channel by channel, onto the first slice's exposure and white "
-                            "balance before fusing (for brackets whose brightness or colour drifts)")
-    return group
-
-
 def match_exposure(images, reference=0):
     """The slices scaled onto slice ``reference`` (see exposure_gains), and the gains (N, C)."""
     gains = exposure_gains(images, reference)

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from memory import reuse_freed_memory, then_return_freed_memory
+from options import PRECISIONS
 
 NUM_LEVELS = 5          # the encoder halves the size five times (hence sizes in multiples of 32)
 # Interior side of the GRU's CPU tiles: small enough for the 16-channel states to stay in cache, large
@@ -27,7 +28,6 @@ NUM_LEVELS = 5          # the encoder halves the size five times (hence sizes in
 # workers, 256 was best from 4 to 16 slices (8: 4.8 s against 5.5 s at 128; an earlier machine preferred
 # 128 up to 8 slices).
 GRU_TILE_SIDE = 256
-PRECISIONS = ("fp32", "bf16", "fp16")
 CHANNELS_LAST = torch.channels_last
 
 

@@ -19,11 +19,9 @@ the JSON file beside a checkpoint (no file: the released decoding):
 path (reference, fast, tiled) and the training loss's fusion term go
 through these functions.
 """
-import argparse
 import json
-import numbers
 import os
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import NamedTuple, Optional
 
 import cv2
@@ -32,78 +30,15 @@ import torch
 import torch.nn.functional as F
 
 from model import CheckpointError, depth_map_creation, depth_to_index, expected_slice_number, gather_slices
+# The card's settings and their flags live in options.py, which needs no torch (imported from here too).
+from options import BLEND_SETTINGS, DEPTH_RULES, INDEX_RULES, TEST_VIEWS, CardSettings  # noqa: F401
 from utils import InputError, dtype_max, write_text
-
-# How the slice index is read from the focus logits:
-# - "minmax_round" (released): round(min-max normalised expected slice * (N-1));
-# - "argmax": the slice of highest focus logit at every pixel; its depth output
-#   is index / (N - 1), so depth map and fused image agree.
-INDEX_RULES = ("minmax_round", "argmax")
-
-# How the depth output is read:
-# - "index" (released): the index rule's depth above;
-# - "guided": the index smoothed by a guided filter (guide: the fused gray image) whose fit trusts
-#   each pixel by how sure the decoding is there (``refined_depth``): continuous, sub-slice at depth
-#   edges and slopes, and flat regions take their depth from the texture around them, so no speckle.
-DEPTH_RULES = ("index", "guided")
-
-# Test-time views: the focus logits of the stack as given (1), also mirrored
-# left-right (2), also up-down and both (4), and the same four transposed (8),
-# each mapped back and averaged. The network is not equivariant to these
-# mirrors, so the views disagree where it is unsure; their mean is steadier.
-TEST_VIEWS = (1, 2, 4, 8)
-
-# Settings that refine a blend; a pick by index (temperature 0) has no use for them.
-BLEND_SETTINGS = ("focus_prior", "depth_window", "base_sigma", "base_weight_sigma")
-
-
-def _number(help_text):
-    return field(default=0.0, metadata={"help": help_text})
 
 
 @dataclass(frozen=True)
-class FusionCard:
-    """How a checkpoint's logits are decoded; validated when made (ValueError naming the setting)."""
-    index_rule: str = field(default="minmax_round", metadata={
-        "help": "how the slice index is read from the focus logits", "choices": INDEX_RULES})
-    views: int = field(default=1, metadata={
-        "help": "test-time views whose focus logits are averaged: 1 the stack as given, 2 also mirrored, "
-                "4 also flipped up-down, 8 also transposed; costs that many passes", "choices": TEST_VIEWS})
-    fusion_temperature: float = _number(
-        "0 takes each pixel from the slice the index names (released); T > 0 blends the slices with "
-        "softmax(focus logits / T) weights")
-    focus_prior: float = _number(
-        "p > 0 multiplies each slice's blend weight by its local sharpness (squared Laplacian) to the power p, "
-        "so that among the slices the network finds likely the sharpest wins")
-    depth_window: float = _number(
-        "w > 0 keeps the blend within about w slices of the expected slice number, so that at the edge of a "
-        "near object it takes the slices between the two depths")
-    base_sigma: float = _number(
-        "s > 0 blends in two bands: each slice's base (Gaussian blur of sigma s px) takes the blend weights "
-        "smoothed by --base_weight_sigma, its detail the weights as they are, so seams at depth edges fade")
-    base_weight_sigma: float = _number("px: the Gaussian that smooths the weights of the base band; 0: one band")
-    depth_rule: str = field(default="index", metadata={
-        "help": "the depth output: 'index' as the index rule reads it (released), 'guided' that index smoothed "
-                "by the fused image where the decoding is unsure (continuous, no speckle in flat regions); "
-                "the index output stays the index", "choices": DEPTH_RULES})
-
-    def __post_init__(self):
-        if self.index_rule not in INDEX_RULES:
-            raise ValueError(f"index_rule must be one of {INDEX_RULES}, got {self.index_rule!r}")
-        if self.depth_rule not in DEPTH_RULES:
-            raise ValueError(f"depth_rule must be one of {DEPTH_RULES}, got {self.depth_rule!r}")
-        if isinstance(self.views, bool) or self.views not in TEST_VIEWS:
-            raise ValueError(f"views must be one of {TEST_VIEWS}, got {self.views!r}")
-        object.__setattr__(self, "views", int(self.views))
-        for name in ("fusion_temperature",) + BLEND_SETTINGS:
-            value = getattr(self, name)      # a JSON string that parses as a number is still refused
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 0:
-                raise ValueError(f"{name} must be a number >= 0, got {value!r}")   # `not >=`: also NaN
-            object.__setattr__(self, name, float(value))
-        unused = [name for name in BLEND_SETTINGS if getattr(self, name)]
-        if not self.fusion_temperature and unused:
-            raise ValueError(f"{unused[0]} {getattr(self, unused[0]):g} has no effect with fusion_temperature 0 "
-                             "(the fused image picks by index); give a temperature > 0 or leave it out")
+class FusionCard(CardSettings):
+    """How a checkpoint's logits are decoded: the settings of ``options.CardSettings`` (validated
+    when made, one flag each) and what the decoding derives from them."""
 
     @property
     def refines_depth(self) -> bool:
@@ -161,33 +96,8 @@ def card_path(checkpoint) -> str:
     return os.path.splitext(os.fspath(checkpoint))[0] + ".json"
 
 
-def argument_type(name: str):
-    """An argparse type for card setting ``name``: its value, or one usage error saying what is wrong."""
-    spec = next(f for f in fields(FusionCard) if f.name == name)
-    wanted = f"one of {spec.metadata['choices']}" if "choices" in spec.metadata else "a number >= 0"
-
-    def parse(text):
-        try:
-            value = spec.type(text)
-            if "choices" not in spec.metadata:        # argparse checks the choices itself
-                replace(FusionCard(fusion_temperature=1.0), **{name: value})   # the card's own checks
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be {wanted}, got {text!r}") from None
-        return value
-    return parse
-
-
-def add_card_arguments(group, default_note="the model card's, else the released value"):
-    """One flag per FusionCard setting (``--views``, ``--fusion_temperature``, ...), default None."""
-    for f in fields(FusionCard):
-        needs = "; needs a fusion temperature > 0" if f.name in BLEND_SETTINGS else ""
-        group.add_argument(f"--{f.name}", type=argument_type(f.name), default=None, choices=f.metadata.get("choices"),
-                           help=f"{f.metadata['help']}{needs} (default: {default_note})")
-    return group
-
-
 def card_from_args(args, card: FusionCard) -> FusionCard:
-    """``card`` with the flags of ``add_card_arguments`` that were given; InputError (one line)
+    """``card`` with the flags of ``options.add_card_arguments`` that were given; InputError (one line)
     when the result makes no sense, e.g. a blend setting with a pick by index."""
     try:
         return card.with_overrides(**{f.name: getattr(args, f.name) for f in fields(FusionCard)})

@@ -17,52 +17,21 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from fast_inference import PRECISIONS, fast_focus_logits
-from fusion import FusionCard, add_card_arguments, card_from_args, fuse, fuse_colour, view_logits
+from fast_inference import fast_focus_logits
+from fusion import FusionCard, card_from_args, fuse, fuse_colour, view_logits
 from memory import GIB, available_bytes
 from model import load_model
+# The flags and the output kinds are defined in options.py (torch-free); imported from here too.
+from options import DEFAULT_MODEL, DEPTH_BITS, FUSED_KINDS, OUTPUT_KINDS, OUTPUT_NAMES  # noqa: F401
 from tiling import tiled_fuse
-from utils import (depth_colormap, index_picture, next_multiple, resize_back, resize_to_multiple,
-                   encoder_params, stack_to_tensor, to_gray, to_integer_image, write_image, write_npy)
-
-# The weights every predict script uses unless --model_path says otherwise:
-# trained by this project (docs/weights.md); its model card beside it
-# (stackmffv2_synthetic.json) says how to decode them (fusion.FusionCard).
-DEFAULT_MODEL = Path(__file__).resolve().parent / "weights" / "stackmffv2_synthetic.pth"
-
-
-def add_model_arguments(group):
-    """Flags every predict script shares: checkpoint, its card's settings, device, memory bound, precision."""
-    group.add_argument("--model_path", type=str, default=str(DEFAULT_MODEL),
-                       help="StackMFF-V2 checkpoint (default: the project's own weights)")
-    add_card_arguments(group)
-    group.add_argument("--device", type=str, default=None,
-                       help="cpu, cuda, cuda:1, mps (default: best available; under torchrun cuda:<LOCAL_RANK>)")
-    group.add_argument("--max_memory", type=float, default=None,
-                       help="GiB: fuse tile by tile so that memory stays within this bound (default: whole image)")
-    group.add_argument("--precision", type=str, default="fp32", choices=PRECISIONS,
-                       help="fp16/bf16 run the GRU convolutions in half precision (for GPUs)")
-    return group
+from utils import (colour_scale, depth_colormap, encoder_params, index_picture, next_multiple, resize_back,
+                   resize_to_multiple, stack_to_tensor, to_gray, to_integer_image, write_image, write_npy)
 
 
 def model_from_args(args, device):
-    """(network, card) from the flags of ``add_model_arguments``: ``model.load_model`` and the
+    """(network, card) from the flags of ``options.add_model_arguments``: ``model.load_model`` and the
     card beside the checkpoint with the card flags that were given."""
     return load_model(args.model_path, device), card_from_args(args, FusionCard.beside(args.model_path))
-
-
-# Released output kinds: file-name stem used by predict_one_stack.py, folder
-# used by the dataset scripts, and file extension.
-OUTPUT_KINDS = (
-    ("fused_gray", "fused_images", ".png"),
-    ("depth_map", "depth_maps", ".png"),
-    ("color_fused", "color_fused_images", ".png"),
-    ("depth_colormap", "depth_colormaps", ".png"),
-    ("depth_index", "depth_indices", ".npy"),
-    ("depth_index_vis", "depth_indices_vis", ".png"),
-)
-# The kinds written in --output_format (utils.OUTPUT_FORMATS); the others stay as above.
-FUSED_KINDS = ("fused_gray", "color_fused")
 
 
 @dataclass
@@ -193,32 +162,39 @@ def fuse_images(model, card: FusionCard, images, device=None, max_memory=None, p
     return fuse_gray_batch(model, card, stack_to_tensor(images), device, precision=precision)[0]
 
 
-# Bits of the depth map picture: 8 as released, 16 to keep a continuous depth rule's sub-slice levels.
-DEPTH_BITS = (8, 16)
-
-
-def render_outputs(result: FusionResult, images, reverse: bool = False, depth_bits: int = 8) -> dict:
-    """The six released outputs of one stack, keyed by OUTPUT_KINDS stems.
+def render_outputs(result: FusionResult, images, reverse: bool = False, depth_bits: int = 8,
+                   outputs=OUTPUT_NAMES, legend: Optional[bool] = None) -> dict:
+    """The released outputs of one stack that ``outputs`` names (OUTPUT_KINDS stems), keyed by stem.
 
     Fused pictures keep the input's bit depth (8 or 16); the depth map has
-    ``depth_bits`` (DEPTH_BITS), the other depth pictures are 8-bit.
-    ``reverse`` flips depth and index (1 - depth, N-1 - index) for stacks
-    ordered far-to-near; it does not change the fused images.
+    ``depth_bits`` (DEPTH_BITS), the other depth pictures are 8-bit. Levels
+    are rounded, except with the released decoding (``card.released``), whose
+    pictures are truncated as the released script writes them. ``reverse``
+    flips depth and index (1 - depth, N-1 - index) for stacks ordered
+    far-to-near; it does not change the fused images. ``legend``: the depth
+    colormap with its colour scale (``utils.colour_scale``); None: on, except
+    with the released decoding. The index is stored in the smallest unsigned
+    type that holds it (uint8 up to 256 slices).
     """
     if depth_bits not in DEPTH_BITS:
         raise ValueError(f"depth_bits must be one of {DEPTH_BITS}, got {depth_bits!r}")
-    n = result.num_slices
+    n, released = result.num_slices, result.card.released
     depth = 1.0 - result.depth if reverse else result.depth
     index = (n - 1) - result.index if reverse else result.index
-    dtype = images[0].dtype
-    return {
-        "fused_gray": to_integer_image(result.fused_gray, dtype),
-        "depth_map": to_integer_image(depth, np.uint16 if depth_bits == 16 else np.uint8),
-        "color_fused": fuse_colour(images, result.index, result.weights, result.card),
-        "depth_colormap": depth_colormap(depth),
-        "depth_index": index.astype(np.int32),
-        "depth_index_vis": index_picture(index, n),
+
+    def colormap():
+        picture = depth_colormap(depth)
+        return colour_scale(picture, n, reverse) if (not released if legend is None else legend) else picture
+
+    render = {   # each computed only when asked for
+        "fused_gray": lambda: to_integer_image(result.fused_gray, images[0].dtype, truncate=released),
+        "depth_map": lambda: to_integer_image(depth, np.uint16 if depth_bits == 16 else np.uint8, truncate=released),
+        "color_fused": lambda: fuse_colour(images, result.index, result.weights, result.card),
+        "depth_colormap": colormap,
+        "depth_index": lambda: index.astype(np.min_scalar_type(max(n - 1, 0))),
+        "depth_index_vis": lambda: index_picture(index, n, truncate=released),
     }
+    return {stem: render[stem]() for stem in outputs}
 
 
 def write_outputs(outputs: dict, paths: dict, metadata=None, **encoder_options):

@@ -8,32 +8,31 @@ file-name order) and writes, as released,
 <output_dir>/results_<timestamp>/<dataset>/<kind>/<scene>.<ext> for the six
 kinds fused_images, depth_maps, color_fused_images, depth_colormaps,
 depth_indices (.npy) and depth_indices_vis, plus summary.json (mean inference
-time per stack, scenes done, scenes failed and why). Resume a killed run with
---run_name NAME --skip_existing; scale out with
+time per stack, scenes done, scenes failed and why). --outputs chooses among
+the six. Resume a killed run with --skip_existing (and its --run_name);
+scale out with
 ``torchrun --nproc_per_node=K predict_datasets.py ...``. See
 docs/batch_inference.md.
 """
-import argparse
 import sys
 from functools import partial
 from pathlib import Path
 
-from batch_inference import Scene, add_common_args, run_batch_inference
-from utils import InputError, natural_sort_key, read_stack, read_stack_metadata, run_cli
+from cli import InputError, run_cli
+from options import predict_parser
 
 STACK_FOLDER = "dof_stack"
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(parser, default_output="./results", default_batch=1)
-    parser.add_argument("--every", type=int, default=1,
-                        help="keep slices 1, K+1, 2K+1, ... of every stack (default: 1)")
-    return parser
+    return predict_parser(__doc__, "stacks")
 
 
 def find_stack_scenes(dataset_dir: Path, every: int = 1):
     """One Scene per folder in <dataset_dir>/dof_stack, in natural order (every-th slice kept)."""
+    # torch and OpenCV load when a run starts, not on import, so that --help answers at once
+    from batch_inference import Scene
+    from utils import natural_sort_key, read_stack, read_stack_metadata
     stacks = dataset_dir / STACK_FOLDER
     if not dataset_dir.is_dir():
         raise InputError(f"dataset folder '{dataset_dir}' does not exist")
@@ -48,6 +47,7 @@ def find_stack_scenes(dataset_dir: Path, every: int = 1):
 
 
 def main(args):
+    from batch_inference import run_batch_inference
     return run_batch_inference(args, partial(find_stack_scenes, every=args.every))
 
 

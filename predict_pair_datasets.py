@@ -10,24 +10,19 @@ without a partner, or whose number is ambiguous, are reported as failed
 scenes. Resume and torchrun work as for predict_datasets.py; see
 docs/batch_inference.md.
 """
-import argparse
 import re
 import sys
 from functools import partial
 from pathlib import Path
 
-from batch_inference import Scene, add_common_args, run_batch_inference
-from utils import InputError, check_stack, list_images, read_image, read_metadata, run_cli
+from cli import InputError, run_cli
+from options import predict_parser
 
 SIDES = ("A", "B")
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(parser, default_output="./output_pair", default_batch=1)
-    parser.add_argument("--reverse", action="store_true",
-                        help="save 1 - depth and 1 - index instead of depth and index (for pairs ordered far, near)")
-    return parser
+    return predict_parser(__doc__, "pairs")
 
 
 def pair_number(path: Path):
@@ -38,6 +33,7 @@ def pair_number(path: Path):
 
 def read_pair(a: Path, b: Path):
     """(images, names) of one pair, checked like a stack (same size and bit depth)."""
+    from utils import check_stack, read_image     # OpenCV and torch load when a run starts, not for --help
     images = [read_image(a), read_image(b)]
     names = [f"A/{a.name}", f"B/{b.name}"]
     return check_stack(images, names, f"pair {a.name} + {b.name}"), names
@@ -46,6 +42,8 @@ def read_pair(a: Path, b: Path):
 def find_pair_scenes(dataset_dir: Path):
     """One Scene per number found in both A/ and B/; every other file becomes a
     Scene with its error (no partner, no number, number used twice)."""
+    from batch_inference import Scene             # torch loads when a run starts, not for --help
+    from utils import list_images, read_metadata
     if not dataset_dir.is_dir():
         raise InputError(f"dataset folder '{dataset_dir}' does not exist")
     by_number, scenes = {}, []
@@ -75,7 +73,8 @@ def find_pair_scenes(dataset_dir: Path):
 
 
 def main(args):
-    return run_batch_inference(args, find_pair_scenes, reverse=args.reverse)
+    from batch_inference import run_batch_inference
+    return run_batch_inference(args, find_pair_scenes)
 
 
 if __name__ == "__main__":

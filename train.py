@@ -31,12 +31,14 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 
 from checkpoint import all_rng_states, export_weights, resume, save_epoch_checkpoints, training_state
+from cli import ArgumentParser
 from dataset import FocusStackDataset, GroupedBatchSampler, dataset_name
 from engine import COSINE_FLOOR, LogitsAndDepth, Runtime, RunClock, evaluate, setup_runtime, steps_per_epoch, \
     train_one_epoch
-from fusion import FusionCard, add_card_arguments, card_from_args
+from fusion import FusionCard, card_from_args
 from losses import CE_TARGETS, SPOILT_MARGIN, DepthLoss, LossWeights
 from model import StackMFFV2, init_weights, load_model
+from options import add_card_arguments
 from utils import InputError, depth_colormap, ensure_output_dir, run_cli, write_image, write_text
 
 RELEASED_SLOTS = 5          # --train_stack, --train_stack_2 ... --train_stack_5
@@ -88,24 +90,13 @@ def released_flags():
             yield split, f"{split}_stack{s}", f"{split}_depth_continuous{s}", f"use_{split}_dataset_{slot}"
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """--help keeps the description's layout and shows each flag's default (unless unset or already said)."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        unset = action.default is None or action.default is False or action.default == []
-        if unset or action.default is argparse.SUPPRESS or "default" in text.lower():
-            return text
-        return text + " (default: %(default)s)"
-
-
 def get_args_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     data = parser.add_argument_group("data (image_stacks/<scene>/<k>.<ext> + depth_maps/<scene>.png)")
     data.add_argument("--train_dataset", nargs=2, action="append", default=[], metavar=("STACK_DIR", "DEPTH_DIR"),
-                      help="a training set; repeat the flag for more")
+                      help="a training set; repeat the flag for more (default: none)")
     data.add_argument("--val_dataset", nargs=2, action="append", default=[], metavar=("STACK_DIR", "DEPTH_DIR"),
-                      help="a validation set, reported on its own; repeat the flag for more")
+                      help="a validation set, reported on its own; repeat the flag for more (default: none)")
     # The released numbered flags still work, but --help and the saved arguments leave them out:
     # dataset_sources folds them into the train/val sets.
     for _, stack, depth, use in released_flags():
@@ -165,25 +156,28 @@ def get_args_parser():
     optim.add_argument("--distance_weight", type=float, default=0.0,
                        help="weight of the expected distance, in slices, between the softmax over slices and the "
                             "ground-truth slice (a far miss costs more than a near one); 0: off")
-    optim.add_argument("--max_steps_per_epoch", type=int, default=None, help="cut every epoch after this many steps")
-    optim.add_argument("--max_val_batches", type=int, default=None, help="validate on this many batches per set")
+    optim.add_argument("--max_steps_per_epoch", type=int, default=None,
+                       help="cut every epoch after this many steps (default: none, whole epochs)")
+    optim.add_argument("--max_val_batches", type=int, default=None,
+                       help="validate on this many batches per set (default: all)")
     optim.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
                        help="float16 autocast on CUDA (the softmax over slices stays float32); ignored on CPU")
     optim.add_argument("--pretrained", type=str, default=None,
-                       help="start from these weights (e.g. the official model.pth) instead of the released init")
+                       help="start from these weights (e.g. the official model.pth) instead of the released init "
+                            "(default: none)")
 
     run = parser.add_argument_group("run")
     run.add_argument("--save_dir", type=str, default="runs", help="parent folder of the run folders")
     run.add_argument("--save_name", type=str, default="stackmff_v2",
                      help="run folder name: checkpoints, CSV, pictures and TensorBoard logs go there")
     run.add_argument("--resume", type=str, default=None,
-                     help="checkpoint written by this script: continue after its epoch")
+                     help="checkpoint written by this script: continue after its epoch (default: none, a new run)")
     run.add_argument("--eval_interval", type=int, default=1, help="validate every this many epochs (and at the end)")
     run.add_argument("--keep_epoch_checkpoints", action=argparse.BooleanOptionalAction, default=True,
                      help="keep epoch_XXX.pth for every epoch besides last.pth and best.pth")
     run.add_argument("--export", type=str, default=None,
                      help="at the end, also write the final weights as a bare state dict with the model card "
-                          "below beside it, for the predict scripts")
+                          "below beside it, for the predict scripts (default: none)")
     run.add_argument("--seed", type=int, default=0, help="seed of the weight init, data order, flips and subsets")
     run.add_argument("--device", type=str, default=None, help="cpu, cuda, cuda:1, mps (default: best available)")
     run.add_argument("--num_threads", type=int, default=None, help="CPU threads for PyTorch (default: its own)")

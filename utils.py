@@ -10,7 +10,6 @@ import io
 import os
 import re
 import secrets
-import signal
 import struct
 import sys
 import tempfile
@@ -26,6 +25,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cli import InputError, run_cli  # noqa: F401  (defined torch-free in cli.py; imported from here)
+from options import OUTPUT_FORMATS, TIFF_COMPRESSIONS
+
 PLAIN_IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 # Camera RAW formats LibRaw (through rawpy) develops.
 RAW_EXTENSIONS = (".dng", ".cr2", ".cr3", ".crw", ".nef", ".nrw", ".arw", ".srf", ".sr2", ".raf", ".orf", ".rw2",
@@ -37,14 +39,6 @@ SIZE_MULTIPLE = 32
 
 # Keep 8/16-bit depth and gray/colour, drop alpha, honour EXIF orientation.
 _READ_FLAGS = cv2.IMREAD_ANYCOLOR | cv2.IMREAD_ANYDEPTH
-
-
-class InputError(Exception):
-    """Bad user input (missing folder, unreadable image, mixed sizes, ...).
-
-    The message is one sentence meant for the user; scripts print it and exit
-    non-zero instead of showing a traceback.
-    """
 
 
 # ----------------------------------------------------------------------------- naming and listing
@@ -408,20 +402,65 @@ def depth_colormap(depth: np.ndarray) -> np.ndarray:
     return _RAINBOW[index]
 
 
-def to_integer_image(values: np.ndarray, dtype) -> np.ndarray:
-    """float in [0, 1] -> uint8 / uint16 by x its largest value and truncation, as released."""
-    return (np.clip(values, 0, 1) * dtype_max(dtype)).astype(dtype)
+_FONT = cv2.FONT_HERSHEY_SIMPLEX      # the colour scale's labels
 
 
-def to_uint8(values: np.ndarray) -> np.ndarray:
-    """float in [0, 1] -> uint8 by x255 and truncation, as released."""
-    return to_integer_image(values, np.uint8)
+def colour_scale(picture: np.ndarray, num_slices: int, reverse: bool = False) -> np.ndarray:
+    """``depth_colormap``'s picture with its colour scale in a white strip on the right.
+
+    The strip holds the palette from depth 0 (top) to 1 (bottom) and slice
+    numbers at their depths (``scale_labels``); the depth-0 end is marked
+    near and the other far, as the stack's order says (slice 1 is the
+    nearest unless ``reverse``). The map's own pixels stay as they are; a
+    picture too short for the scale is padded with white below.
+    """
+    h, w = picture.shape[:2]
+    text = max(10, h // 30)                                   # label height (px), grows with the picture
+    scale, thickness = cv2.getFontScaleFromHeight(_FONT, text), max(1, round(text / 12))
+    height = max(h, 8 * text)
+    top, bottom = text, height - 1 - text                     # the bar's first and last row (depth 0 and 1)
+    labels = scale_labels(num_slices, reverse, top, bottom, spacing=2 * text)
+    label_width = max(cv2.getTextSize(label, _FONT, scale, thickness)[0][0] for _, label in labels)
+    bar = w + text // 2                                       # the bar's first column; it is `text` wide
+    out = np.full((height, bar + text + text // 2 + label_width + text // 2, 3), 255, np.uint8)
+    out[:h, :w] = picture
+    rows = np.arange(top, bottom + 1)
+    out[top:bottom + 1, bar:bar + text] = depth_colormap((rows - top) / (bottom - top))[:, None]
+    for row, label in labels:
+        cv2.line(out, (bar + text, row), (bar + text + text // 3, row), (0, 0, 0), thickness)
+        cv2.putText(out, label, (bar + text + text // 2, row + text // 2), _FONT, scale, (0, 0, 0), thickness,
+                    cv2.LINE_AA)
+    return out
 
 
-def index_picture(index: np.ndarray, num_slices: int) -> np.ndarray:
-    """Slice index HxW -> uint8 picture index / (N - 1) x 255 (zeros when N = 1)."""
-    scale = 255.0 / max(num_slices - 1, 1)
-    return (index.astype(np.float64) * scale).astype(np.uint8)
+def scale_labels(num_slices: int, reverse: bool, top: int, bottom: int, spacing: int) -> list:
+    """The labels of ``colour_scale``: [(row, text)] with slice numbers at their depths, from row
+    ``top`` (depth 0) to ``bottom`` (depth 1), every k-th slice for the smallest k of 1, 2, 5, 10,
+    20, ... that keeps labels ``spacing`` rows apart, and both ends ('1 near' ... '8 far'; with
+    ``reverse``, '8 near' ... '1 far')."""
+    last = max(num_slices - 1, 1)                             # depth steps between the two ends
+    step = next(k * 10 ** e for e in range(12) for k in (1, 2, 5) if (bottom - top) * k * 10 ** e >= spacing * last)
+    row = [top + round((bottom - top) * j / last) for j in range(num_slices)]
+    shown = [j for j in range(0, num_slices, step) if bottom - row[j] >= spacing] + [num_slices - 1]
+
+    def name(j):     # slice number of the j-th depth step from the near end
+        number = num_slices - j if reverse else j + 1
+        return f"{number} near" if j == 0 else f"{number} far" if j == num_slices - 1 else str(number)
+    return [(row[j], name(j)) for j in shown]
+
+
+def to_integer_image(values: np.ndarray, dtype, truncate: bool = False) -> np.ndarray:
+    """float in [0, 1] -> uint8 / uint16: x its largest value, rounded to the nearest level
+    (``truncate``: cut down, as the released script writes its pictures)."""
+    scaled = np.clip(values, 0, 1) * dtype_max(dtype)
+    return (scaled if truncate else np.rint(scaled)).astype(dtype)
+
+
+def index_picture(index: np.ndarray, num_slices: int, truncate: bool = False) -> np.ndarray:
+    """Slice index HxW -> uint8 picture index / (N - 1) x 255, rounded (``truncate``: cut down,
+    as released); zeros when N = 1."""
+    scaled = index.astype(np.float64) * (255.0 / max(num_slices - 1, 1))
+    return (scaled if truncate else np.rint(scaled)).astype(np.uint8)
 
 
 # ----------------------------------------------------------------------------- writing
@@ -616,7 +655,6 @@ def _tiff_with_metadata(data: bytes, exif, icc) -> bytes:
 # ----------------------------------------------------------------------------- writing
 
 EIGHT_BIT_EXTENSIONS = (".jpg", ".jpeg", ".bmp", ".webp")      # formats that cannot hold 16 bits
-TIFF_COMPRESSIONS = {"none": 1, "lzw": 5, "deflate": 8, "packbits": 32773}
 
 
 def encoder_params(suffix, jpeg_quality=None, tiff_compression=None) -> list:
@@ -627,22 +665,6 @@ def encoder_params(suffix, jpeg_quality=None, tiff_compression=None) -> list:
     if suffix in TIFF_EXTENSIONS and tiff_compression is not None:
         return [cv2.IMWRITE_TIFF_COMPRESSION, TIFF_COMPRESSIONS[tiff_compression]]
     return []
-
-
-# --output_format: file suffix of the fused pictures (depth pictures and the index stay PNG / .npy)
-OUTPUT_FORMATS = {"png": ".png", "tiff": ".tif", "jpeg": ".jpg"}
-
-
-def add_output_format_arguments(group):
-    """--output_format, --jpeg_quality, --tiff_compression (read back by ``output_format_from_args``)."""
-    group.add_argument("--output_format", choices=tuple(OUTPUT_FORMATS), default="png",
-                       help="format of the two fused images (PNG and TIFF keep 16 bits, JPEG is 8-bit); "
-                            "they carry the first slice's EXIF and ICC profile (default: png)")
-    group.add_argument("--jpeg_quality", type=int, default=None,
-                       help="1 to 100, with --output_format jpeg (default: 95)")
-    group.add_argument("--tiff_compression", choices=tuple(TIFF_COMPRESSIONS), default=None,
-                       help="with --output_format tiff (default: lzw)")
-    return group
 
 
 def output_format_from_args(args):
@@ -712,6 +734,26 @@ def ensure_output_dir(path) -> Path:
     return path
 
 
+@contextmanager
+def output_folder(path):
+    """``ensure_output_dir`` for the block: the folder (and the parents it needed) is made on entry,
+    so that an unusable one stops the run before its work, and removed again when the block ends
+    in an error or an interrupt having written nothing into it."""
+    path = Path(path)
+    made = [p for p in (path, *path.parents) if not p.exists()]      # deepest first
+    try:
+        yield ensure_output_dir(path)
+    except BaseException:
+        for folder in made:
+            try:
+                folder.rmdir()
+            except FileNotFoundError:    # the failure came before it was made
+                continue
+            except OSError:              # not empty: something was written, so it stays
+                break
+        raise
+
+
 def refuse_output_into_input(output, *inputs, what="output folder"):
     """InputError when ``output`` is one of the ``inputs`` folders (after resolving
     links and '..'): writing there would overwrite input files or mix outputs
@@ -742,42 +784,3 @@ def select_device(name=None) -> torch.device:
     if torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
-
-
-# ----------------------------------------------------------------------------- command line
-
-def _raise_keyboard_interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
-def _close_progress_bars():
-    """Close the tqdm bars an error left open, so that the closing message gets a
-    line of its own and no bar redraws itself after it."""
-    from tqdm import tqdm
-    for bar in list(getattr(tqdm, "_instances", ())):
-        bar.close()
-
-
-def run_cli(main_fn, parser):
-    """Parse arguments and run ``main_fn``; the project's own errors become one
-    line on stderr and exit status 2, an interrupt exits 130, never a traceback."""
-    args = parser.parse_args()
-    # SIGTERM (a scheduler, `kill`) unwinds like Ctrl-C, so temporary files are
-    # removed and checkpoints stay whole instead of the process dying mid-write.
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-    try:
-        return main_fn(args)
-    except InputError as exc:
-        _close_progress_bars()
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        _close_progress_bars()
-        # Straight to the file descriptor: the interrupt may have cut a write of the
-        # buffered stderr (a progress bar's), whose later output can then be lost.
-        try:
-            sys.stderr.flush()
-        except (OSError, ValueError, RuntimeError):
-            pass
-        os.write(2, b"interrupted\n")
-        sys.exit(130)

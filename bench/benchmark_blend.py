@@ -9,7 +9,6 @@ with the shipped card's temperature, focus prior and depth window, of
 ``fusion.gaussian_blur`` alone at the base sigma. The network's own time is
 in bench/benchmark_speed.py.
 """
-import argparse
 import sys
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from cli import ArgumentParser  # noqa: E402
 from inference import DEFAULT_MODEL  # noqa: E402
 from make_datasets.benchmark_synthesis import best_time  # noqa: E402
 from fusion import FusionCard, blend, gaussian_blur, soft_weights  # noqa: E402
@@ -25,7 +25,7 @@ from utils import run_cli  # noqa: E402
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--slices", type=int, default=16, help="stack length")
     parser.add_argument("--megapixels", type=float, default=1.0, help="slice size (square)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per step; the fastest is printed")

@@ -34,7 +34,6 @@ squared Laplacian), "Laplacian pyramid", "GFF" (guided-filter fusion), "DTCWT"
 (needs the dtcwt package) and "StackMFF-V3" (OpenFocus, run as a command
 from its own venv: --openfocus). A peer that is not installed says so in its column.
 """
-import argparse
 import hashlib
 import os
 import platform
@@ -53,6 +52,7 @@ sys.path.insert(0, str(REPO))
 
 from tqdm import tqdm  # noqa: E402
 
+from cli import ArgumentParser  # noqa: E402
 from bench import peers  # noqa: E402
 from inference import DEFAULT_MODEL, fuse_images  # noqa: E402
 from make_datasets import lightfield, synthesis  # noqa: E402
@@ -61,7 +61,7 @@ from make_datasets.make_synthetic import stretch_to_8bit  # noqa: E402
 from fusion import INDEX_RULES, TEST_VIEWS, FusionCard  # noqa: E402
 from model import load_model  # noqa: E402
 from utils import (InputError, ensure_output_dir, natural_sort_key, read_image, read_stack, run_cli,  # noqa: E402
-                   stack_to_tensor, to_gray_float, write_image)
+                   stack_to_tensor, to_gray_float, to_integer_image, write_image)
 
 OFFICIAL = REPO.parent / "shared" / "reference" / "official" / "model.pth"
 REAL_STACKS = REPO.parent / "shared" / "data" / "stacks"
@@ -71,7 +71,7 @@ OPENFOCUS = os.environ.get("OPENFOCUS", str(REPO.parent / "openfocus-venv" / "bi
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     models = parser.add_argument_group("fusers")
     models.add_argument("--ours", type=str, default=str(DEFAULT_MODEL), help="the project's weights")
     models.add_argument("--official", type=str, default=str(OFFICIAL),
@@ -79,15 +79,16 @@ def get_args_parser():
     models.add_argument("--extra_rules", action="store_true",
                         help="also run each network with the other index rule")
     models.add_argument("--extra_views", type=int, nargs="+", default=[], choices=TEST_VIEWS,
-                        help="also run each network (with its own rule) with these numbers of test-time views")
+                        help="also run each network (with its own rule) with these numbers of test-time views "
+                             "(default: none)")
     models.add_argument("--extra_fusion", type=float, nargs="+", default=[], metavar="T",
-                        help="also run each network with these fusion temperatures (0: pick by index)")
+                        help="also run each network with these fusion temperatures (0: pick by index; default: none)")
     models.add_argument("--extra_focus_prior", type=float, nargs="+", default=[], metavar="P",
-                        help="also run each network with these focus priors (0: none)")
+                        help="also run each network with these focus priors (0: none; default: none)")
     models.add_argument("--extra_depth_window", type=float, nargs="+", default=[], metavar="W",
-                        help="also run each network with these depth windows (0: none)")
+                        help="also run each network with these depth windows (0: none; default: none)")
     models.add_argument("--extra_base_weight_sigma", type=float, nargs="+", default=[], metavar="B",
-                        help="also run each network with these base-band weight sigmas (0: one band)")
+                        help="also run each network with these base-band weight sigmas (0: one band; default: none)")
     gt = parser.add_argument_group("ground-truth sets")
     gt.add_argument("--slices", type=int, nargs="+", default=[8, 16], help="stack lengths")
     gt.add_argument("--crop", type=int, nargs=2, default=[256, 320], metavar=("H", "W"), help="crop size")
@@ -347,7 +348,7 @@ def downscale(images, max_side):
 
 
 def labelled(gray, label):
-    tile = cv2.cvtColor((np.clip(gray, 0, 1) * 255).astype(np.uint8), cv2.COLOR_GRAY2BGR)
+    tile = cv2.cvtColor(to_integer_image(gray, np.uint8), cv2.COLOR_GRAY2BGR)
     cv2.putText(tile, label, (6, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 3, cv2.LINE_AA)
     cv2.putText(tile, label, (6, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (255, 255, 255), 1, cv2.LINE_AA)
     return tile

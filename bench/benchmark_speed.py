@@ -24,21 +24,23 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from cli import ArgumentParser  # noqa: E402
+
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--model_path", type=str, default=str(REPO / "weights" / "stackmffv2_synthetic.pth"),
                         help="weights to time (default: the shipped ones)")
     parser.add_argument("--slices", type=int, nargs="+", default=[8, 16], help="stack lengths")
     parser.add_argument("--megapixels", type=float, nargs="+", default=[0.25, 1.0, 2.0, 4.0],
                         help="image sizes")
     parser.add_argument("--paths", type=str, nargs="+", default=["straightforward", "fast"],
-                        choices=["straightforward", "fast", "tiled"])
+                        choices=["straightforward", "fast", "tiled"], help="inference paths to time")
     parser.add_argument("--repeats", type=int, default=1, help="runs of every configuration (best shown)")
     parser.add_argument("--max_memory", type=float, default=2.0, help="GiB for the tiled path")
     parser.add_argument("--reference_limit", type=float, default=16.0,
                         help="skip the straightforward path above this many megapixel-frames (memory/time)")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--child", type=str, default=None, help=argparse.SUPPRESS)
     return parser
 

@@ -24,7 +24,6 @@ synthetic stacks per blur and length (make_synthetic.kept_scenes, seed 7,
 segment depth, 256 px) against their true index; ``--figures_dir`` writes
 middle slice | argmax depth | guided depth side by side per stack.
 """
-import argparse
 import hashlib
 import os
 import sys
@@ -39,6 +38,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from cli import ArgumentParser  # noqa: E402
 from bench.benchmark_fusion import LIGHT_FIELDS, REAL_STACKS, light_field_sets, print_table, real_scenes  # noqa: E402
 from fusion import TEST_VIEWS, FusionCard, fuse  # noqa: E402
 from inference import DEFAULT_MODEL, focus_logits  # noqa: E402
@@ -46,7 +46,7 @@ from make_datasets.make_synthetic import depth_map_to_index, kept_scenes  # noqa
 from metrics import slice_mae, speckle_share, textured_half  # noqa: E402
 from model import load_model  # noqa: E402
 from utils import (InputError, ensure_output_dir, read_stack, resize_to_multiple, run_cli, stack_to_tensor,  # noqa: E402
-                   to_gray_float, write_image)
+                   to_gray_float, to_integer_image, write_image)
 
 SPECKLE_BOUND = 0.5        # %, rule E (a)
 MAE_MARGIN = 0.05          # slices above the argmax pick's, rule E (b)
@@ -54,7 +54,7 @@ PICK, RELEASED, GUIDED = "argmax pick", "minmax_round", "guided"
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--model_path", type=str, default=str(DEFAULT_MODEL), help="weights with their card")
     parser.add_argument("--views", type=int, default=None, choices=TEST_VIEWS, help="default: the card's")
     parser.add_argument("--lightfields", type=str, default=str(LIGHT_FIELDS), help="folder of light-field folders")
@@ -69,7 +69,8 @@ def get_args_parser():
                         help="also K synthetic stacks per blur (released, physical) and length (8, 16)")
     parser.add_argument("--logits_cache", type=str, default=os.path.join(tempfile.gettempdir(), "stackmff_depth_logits"),
                         help="where focus logits are kept between runs")
-    parser.add_argument("--figures_dir", type=str, default=None, help="side-by-side depth pictures (none: not written)")
+    parser.add_argument("--figures_dir", type=str, default=None,
+                        help="folder for side-by-side depth pictures (default: none, not written)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     return parser
 
@@ -109,8 +110,8 @@ def depth_in_slices(images, logits, cards) -> dict:
 
 def figure(images, depths, n, path, max_width=1800):
     """Middle slice | argmax depth | guided depth, gray (near dark), shrunk to ``max_width`` for viewing."""
-    middle = (np.clip(to_gray_float(images[len(images) // 2]), 0, 1) * 255).astype(np.uint8)
-    tiles = [middle] + [(np.clip(depths[k] / max(n - 1, 1), 0, 1) * 255).astype(np.uint8) for k in (PICK, GUIDED)]
+    middle = to_integer_image(to_gray_float(images[len(images) // 2]), np.uint8)
+    tiles = [middle] + [to_integer_image(depths[k] / max(n - 1, 1), np.uint8) for k in (PICK, GUIDED)]
     picture = np.hstack(tiles)
     if picture.shape[1] > max_width:
         scale = max_width / picture.shape[1]

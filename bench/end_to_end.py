@@ -27,9 +27,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 OFFICIAL = REPO.parent / "shared" / "reference" / "official" / "model.pth"
 
+from cli import ArgumentParser  # noqa: E402
+
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--input_dir", type=str, default=None,
                         help="a stack folder (default: 16 slices of 1024 x 1024 made from examples/coffee_stack)")
     parser.add_argument("--official", type=str, default=str(OFFICIAL), help="the authors' released weights")

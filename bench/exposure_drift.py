@@ -14,7 +14,6 @@ first so that a CPU runs the real stacks in minutes. Prints one row per
 stack and the means per set; ``--pictures DIR`` writes the four colour
 fusions of each stack side by side.
 """
-import argparse
 import sys
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from cli import ArgumentParser  # noqa: E402
 from exposure import apply_gains, match_exposure  # noqa: E402
 from fusion import FusionCard  # noqa: E402
 from inference import DEFAULT_MODEL, fuse_images, render_outputs  # noqa: E402
@@ -35,19 +35,20 @@ REAL_STACKS = REPO.parent / "shared" / "data" / "stacks"
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--synthetic_dir", type=str, default=None,
                         help="make_synthetic.py output (image_stacks/ + all_in_focus/); its first --num_synthetic "
-                             "stacks are used")
-    parser.add_argument("--num_synthetic", type=int, default=6)
+                             "stacks are used (default: none, real stacks only)")
+    parser.add_argument("--num_synthetic", type=int, default=6, help="synthetic stacks to use")
     parser.add_argument("--real_dir", type=str, default=str(REAL_STACKS),
                         help="folder of <set>/dof_stack/<scene>/ (skipped when absent)")
     parser.add_argument("--exposure", type=float, default=0.04, help="e: exposure drift over the stack")
     parser.add_argument("--white_balance", type=float, default=0.02, help="w: colour drift over the stack")
     parser.add_argument("--max_side", type=int, default=384, help="slices are shrunk to this long side")
-    parser.add_argument("--model_path", type=str, default=str(DEFAULT_MODEL))
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--pictures", type=str, default=None, help="folder for side-by-side pictures")
+    parser.add_argument("--model_path", type=str, default=str(DEFAULT_MODEL), help="weights with their card")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--pictures", type=str, default=None,
+                        help="folder for side-by-side pictures (default: none, not written)")
     return parser
 
 

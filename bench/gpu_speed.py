@@ -12,7 +12,6 @@ the index is a near-tie almost everywhere and agreement means nothing.
 With ``--parity``, also the index agreement of every precision with the
 released outputs stored in the parity cases.
 """
-import argparse
 import statistics
 import sys
 import time
@@ -26,6 +25,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from cli import ArgumentParser  # noqa: E402
 from fast_inference import PRECISIONS, fast_focus_logits, fast_forward  # noqa: E402
 from fusion import FusionCard, fuse, view_logits  # noqa: E402
 from make_datasets.synthesis import released_stack  # noqa: E402
@@ -33,14 +33,15 @@ from model import load_model  # noqa: E402
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model_path", type=str, default=str(REPO.parent / "shared/reference/official/model.pth"))
-    parser.add_argument("--slices", type=int, nargs="+", default=[8, 16, 32])
-    parser.add_argument("--megapixels", type=float, nargs="+", default=[1.0, 4.0])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser = ArgumentParser(description=__doc__)
+    parser.add_argument("--model_path", type=str, default=str(REPO.parent / "shared/reference/official/model.pth"),
+                        help="weights to time")
+    parser.add_argument("--slices", type=int, nargs="+", default=[8, 16, 32], help="stack lengths")
+    parser.add_argument("--megapixels", type=float, nargs="+", default=[1.0, 4.0], help="image sizes")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of every configuration (best shown)")
     parser.add_argument("--parity", type=str, default=None,
-                        help="network_cases.npz of the parity data: report index agreement with it")
-    parser.add_argument("--device", type=str, default="cuda")
+                        help="network_cases.npz of the parity data: report index agreement with it (default: none)")
+    parser.add_argument("--device", type=str, default="cuda", help="the GPU")
     return parser
 
 

@@ -22,14 +22,18 @@ clash with this project's, and is never imported here.
 """
 import os
 import subprocess
+import sys
 import tempfile
 import types
 from pathlib import Path
 
-import cv2
-import numpy as np
+if __package__ in (None, ""):  # run as a file: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils import InputError, read_image, to_gray_float, write_image
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+
+from utils import InputError, read_image, to_gray_float, write_image  # noqa: E402
 
 
 def argmax_laplacian(stack: np.ndarray, sigma: float = 2.0):

@@ -19,7 +19,6 @@ at ``--cap`` dB so that near-perfect stacks (inf at T = 0) neither dominate
 nor break the mean. The best score is the choice; the shipped model card's
 values came from this command (docs/weights.md).
 """
-import argparse
 import sys
 from functools import partial
 from pathlib import Path
@@ -31,6 +30,7 @@ from tqdm import tqdm
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from cli import ArgumentParser  # noqa: E402
 from fast_inference import fast_focus_logits  # noqa: E402
 from inference import DEFAULT_MODEL  # noqa: E402
 from make_datasets.make_synthetic import DEPTH_KINDS, check_min_step_share, kept_scenes, physical_available  # noqa: E402
@@ -41,7 +41,7 @@ from utils import run_cli, stack_to_tensor, to_gray_float  # noqa: E402
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--model_path", type=str, default=str(DEFAULT_MODEL), help="checkpoint to tune")
     parser.add_argument("--temperatures", type=float, nargs="+",
                         default=[0, 0.1, 0.5, 1], help="candidates (0: pick)")

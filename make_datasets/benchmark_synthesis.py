@@ -6,7 +6,6 @@ The scene is a random colour texture over a depth map of a tilted ground
 plane with two objects standing on it (so the layers are large, and the
 depth has edges); OpenCV runs on one thread, as for one core.
 """
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -17,12 +16,13 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
 import cv2
 import numpy as np
 
+from cli import ArgumentParser  # noqa: E402
 from make_datasets.synthesis import lightfield_stack, physical_stack, released_stack
 from utils import run_cli
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--size", type=int, default=512, help="image height and width")
     parser.add_argument("--slices", type=int, default=16, help="slices per stack")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per mode; the best is printed")

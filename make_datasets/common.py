@@ -6,18 +6,21 @@ or 16-bit depth into the 8-bit convention of this project (0 = near,
 past a bad item and reports it at the end. Image reading and writing
 themselves live in utils.py.
 """
-import argparse
 import os
 import secrets
 import shutil
 import sys
 from pathlib import Path
 
-import numpy as np
-from scipy import ndimage
-from tqdm import tqdm
+if __package__ in (None, ""):  # run as a file: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils import (InputError, ensure_output_dir, images_by_stem, natural_sort_key, write_bytes,
+import numpy as np  # noqa: E402
+from scipy import ndimage  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from cli import ArgumentParser  # noqa: E402
+from utils import (InputError, ensure_output_dir, images_by_stem, natural_sort_key, write_bytes,  # noqa: E402
                    read_image, write_image)
 
 
@@ -28,7 +31,7 @@ DEPTH_SCALES = ("inverse", "linear")
 
 def source_parser(doc, root_help, output_help, splits=(), default_splits=None):
     """The parser every prepare script starts from: --root, --output_dir and, if given, --splits."""
-    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=doc)
     io = parser.add_argument_group("input and output")
     io.add_argument("--root", type=str, required=True, help=root_help)
     io.add_argument("--output_dir", type=str, required=True, help=output_help)

@@ -27,7 +27,6 @@ the smallest variance across the views, averaged over a Gaussian window of
 and the refocused pixel equals the centre view's). In textureless regions no
 plane wins clearly and the index is noisy; there every plane looks alike too.
 """
-import argparse
 import re
 import sys
 from pathlib import Path
@@ -39,6 +38,7 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
 import cv2
 import numpy as np
 
+from cli import ArgumentParser  # noqa: E402
 from make_datasets.common import make_dirs, require_dir, run_batch, write_stack
 from utils import (InputError, check_stack, dtype_max, ensure_output_dir, index_picture, is_image_file, list_images, read_image,
                    run_cli, to_gray_float, write_image, write_text)
@@ -63,7 +63,7 @@ class LightFieldStack(NamedTuple):
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     io = parser.add_argument_group("input and output")
     io.add_argument("--input", type=str, required=True,
                     help="a light-field folder of views, or a folder of such folders")

@@ -17,7 +17,6 @@ With --train_layout, also the layout that train.py reads:
     <output_dir>/image_stacks/<name>/1..R.<format>   hard links to the dof_stack files where possible
     <output_dir>/depth_maps/<name>.png           (see --train_depth)
 """
-import argparse
 import sys
 import zlib
 from pathlib import Path
@@ -27,6 +26,7 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
 
 import numpy as np
 
+from cli import ArgumentParser  # noqa: E402
 from make_datasets.common import make_dirs, pair_by_stem, read_depth_8bit, run_batch, write_stack
 from make_datasets.synthesis import RELEASED_SLICE_COUNTS, physical_stack, released_stack
 from utils import (InputError, ensure_output_dir, index_picture, read_image, refuse_output_into_input, run_cli,
@@ -39,7 +39,7 @@ OUTPUT_FOLDERS = ("AiF", "depth", "quantized_depth", "dof_stack", "image_stacks"
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     io = parser.add_argument_group("input and output")
     io.add_argument("--image_dir", type=str, required=True, help="folder of all-in-focus images")
     io.add_argument("--depth_dir", type=str, required=True,

@@ -6,7 +6,6 @@ scikit-image's bundled 'coffee' photograph is given a procedural depth (a
 table slanting away from the camera with the cup standing out in front) and
 is turned into an 8-slice focus stack with the released synthesis.
 """
-import argparse
 import sys
 from pathlib import Path
 
@@ -14,17 +13,19 @@ import cv2
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from cli import ArgumentParser  # noqa: E402
 from make_datasets.synthesis import released_stack  # noqa: E402
 from utils import ensure_output_dir, run_cli, write_image  # noqa: E402
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--output_dir", type=str, default="examples/coffee_stack", help="folder for 1.jpg ... N.jpg")
     parser.add_argument("--num_slices", type=int, default=8, help="number of slices")
     parser.add_argument("--width", type=int, default=480, help="width of the slices (height keeps the aspect)")
     parser.add_argument("--quality", type=int, default=92, help="JPEG quality")
-    parser.add_argument("--depth_out", type=str, default=None, help="also save the depth map (8-bit PNG) here")
+    parser.add_argument("--depth_out", type=str, default=None,
+                        help="also save the depth map (8-bit PNG) here (default: not saved)")
     return parser
 
 

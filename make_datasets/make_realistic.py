@@ -24,7 +24,6 @@ Output, the layout of ``make_synthetic.py`` that ``train.py`` reads::
 Slices are written gray (ITU-R 601 luma), the only channel ``train.py``
 reads. Scene i depends only on (seed, i) and the input folders.
 """
-import argparse
 import sys
 from functools import lru_cache
 from pathlib import Path
@@ -34,6 +33,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from cli import ArgumentParser  # noqa: E402
 from make_datasets import synthesis  # noqa: E402
 from make_datasets.common import find_files, normalize_depth, require_dir, run_batch, write_stack  # noqa: E402
 from make_datasets.make_synthetic import (add_scene_flags, check_scene_flags, index_to_depth_map,  # noqa: E402
@@ -221,7 +221,7 @@ def make_scene(seed: int, scene: int, photos, rgbd, size: int, slice_range, blur
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     io = parser.add_argument_group("input and output")
     io.add_argument("--output_dir", type=str, required=True, help="root of image_stacks/, depth_maps/, all_in_focus/")
     io.add_argument("--images_dir", type=str, default="../shared/data/train_images",

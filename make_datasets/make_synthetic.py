@@ -30,7 +30,6 @@ per-stack min-max normalised depth can reproduce.
 Scene i depends only on (seed, i): the same seed gives the same files, and
 a larger ``--num_stacks`` only adds scenes.
 """
-import argparse
 import sys
 from functools import lru_cache
 from pathlib import Path
@@ -42,6 +41,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from cli import ArgumentParser  # noqa: E402
 from make_datasets import synthesis  # noqa: E402
 from utils import InputError, ensure_output_dir, run_cli, write_image  # noqa: E402
 
@@ -325,7 +325,7 @@ def check_scene_flags(args):
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     io = parser.add_argument_group("output")
     io.add_argument("--output_dir", type=str, required=True, help="root of image_stacks/ and depth_maps/")
     io.add_argument("--prefix", type=str, default="syn", help="scene names are <prefix>_<number>")

@@ -19,7 +19,6 @@ Output: <output_dir>/<train|test>/images/<i>.png and
 file, 4 digits; depth 0 = nearest, 255 = farthest of that image. Re-running
 overwrites the same files.
 """
-import argparse
 import sys
 from pathlib import Path
 
@@ -28,6 +27,7 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
 
 import numpy as np
 
+from cli import ArgumentParser  # noqa: E402
 from make_datasets.common import add_scale_flag, make_dirs, normalize_depth, run_batch
 from utils import InputError, ensure_output_dir, run_cli, write_image
 
@@ -35,7 +35,7 @@ SAMPLE_IMAGES = 50
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     io = parser.add_argument_group("input and output")
     io.add_argument("--mat", type=str, required=True, help="nyu_depth_v2_labeled.mat")
     io.add_argument("--output_dir", type=str, required=True, help="where train/ and test/ go")

@@ -1,4 +1,5 @@
 """Shared test fixtures: paths to ../shared, the official model, tiny stacks."""
+import os
 import sys
 from pathlib import Path
 
@@ -42,6 +43,29 @@ def random_weights(tmp_path_factory):
     path = tmp_path_factory.mktemp("weights") / "random.pth"
     torch.save(StackMFFV2().state_dict(), path)
     return path
+
+
+def default_sigint():
+    """preexec_fn of a child that is to feel Ctrl-C: a test run started in the background (`cmd &`)
+    inherits SIGINT ignored, and Python then keeps ignoring it; a user's Ctrl-C finds the default."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def only_one_process_starts(monkeypatch, error: int) -> list:
+    """Processes started by fork: the first starts, every later start fails with OSError ``error``
+    (as when the process table or memory is full). Returns the list of start attempts."""
+    import multiprocessing.context
+    real_start, starts = multiprocessing.context.ForkProcess.start, []
+
+    def start_once(process):
+        starts.append(process)
+        if len(starts) > 1:
+            raise OSError(error, os.strerror(error))
+        real_start(process)
+
+    monkeypatch.setattr(multiprocessing.context.ForkProcess, "start", start_once)
+    return starts
 
 
 def textured_stack(num_slices=4, height=40, width=48, channels=3, dtype=np.uint8, seed=0):

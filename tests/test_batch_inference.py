@@ -21,11 +21,12 @@ import pytest
 import torch
 
 import batch_inference
+import options
 import predict_datasets
 import predict_pair_datasets
 from fusion import FusionCard
 from inference import OUTPUT_KINDS, fuse_images, render_outputs
-from conftest import DATA, OFFICIAL_WEIGHTS, REPO, textured_stack
+from conftest import DATA, OFFICIAL_WEIGHTS, REPO, default_sigint, textured_stack
 from model import load_model
 from utils import InputError, read_image, read_stack, write_image
 
@@ -166,9 +167,9 @@ class TestPredictDatasets:
         for k in range(10):
             write_stack(stacks / f"s{k}", 2, 32 + k, 32, seed=k)
         events = []
-        real_read, real_fuse = batch_inference.SceneReader.__getitem__, batch_inference.fuse_gray_batch
-        monkeypatch.setattr(batch_inference.SceneReader, "__getitem__",
-                            lambda self, i: events.append("read") or real_read(self, i))
+        real_read, real_fuse = batch_inference.SceneReader.__call__, batch_inference.fuse_gray_batch
+        monkeypatch.setattr(batch_inference.SceneReader, "__call__",
+                            lambda self, scene: events.append("read") or real_read(self, scene))
         monkeypatch.setattr(batch_inference, "fuse_gray_batch",
                             lambda m, c, g, d=None, **o: events.append("fuse") or real_fuse(m, c, g, d, **o))
         report = predict_datasets.main(stack_args(tmp_path / "data", weights, tmp_path / "out",
@@ -236,6 +237,44 @@ class TestPredictDatasets:
         resumed = predict_datasets.main(stack_args(stack_root, weights, out, "--skip_existing"))
         assert resumed.run_dir == first.run_dir and resumed.datasets[0].skipped == 6
 
+    def test_skip_existing_alone_continues_the_run_written_to_last(self, stack_root, weights, tmp_path, capsys):
+        """Whatever its name: a run named r1, cut short, then --skip_existing without --run_name."""
+        out = tmp_path / "out"
+        older, cut = out / "results_20000101_000000", out / "r1"
+        predict_datasets.main(stack_args(stack_root, weights, out, "--run_name", older.name))
+        predict_datasets.main(stack_args(stack_root, weights, out, "--run_name", cut.name))
+        (cut / "summary.json").unlink()                       # r1 ends as if killed after four scenes
+        for scene in ("s3", "s10"):
+            (cut / "syn" / "depth_maps" / f"{scene}.png").unlink()
+        os.utime(older, ns=(10**18, 10**18))                  # last written to: r1, then the older run
+        os.utime(cut, ns=(2 * 10**18, 2 * 10**18))
+        capsys.readouterr()
+        resumed = predict_datasets.main(stack_args(stack_root, weights, out, "--skip_existing"))
+        assert resumed.run_dir == cut and (resumed.datasets[0].skipped, resumed.datasets[0].fused) == (4, 2)
+        assert f"continuing {cut}, the run folder written to last" in capsys.readouterr().out
+        os.utime(older, ns=(3 * 10**18, 3 * 10**18))
+        assert predict_datasets.main(stack_args(stack_root, weights, out, "--skip_existing")).run_dir == older
+
+    def test_the_single_stack_flags_apply_to_every_stack(self, stack_root, weights, tmp_path):
+        """--reverse, --depth_bits and --outputs (once unknown to predict_datasets.py) as on one stack."""
+        out, chosen = tmp_path / "out", ("depth_map", "depth_index")
+        flags = ("--reverse", "--depth_bits", "16", "--outputs", *chosen)
+        summary = predict_datasets.main(stack_args(stack_root, weights, out, "--run_name", "r", *flags))
+        assert summary.datasets[0].fused == len(GOOD_STACKS)
+        assert sorted(p.name for p in (out / "r" / "syn").iterdir()) == ["depth_indices", "depth_maps"]
+        model = load_model(weights)
+        for scene in GOOD_STACKS:
+            images, _ = read_stack(stack_root / "syn" / "dof_stack" / scene)
+            want = render_outputs(fuse_images(model, FusionCard.beside(weights), images), images, reverse=True,
+                                  depth_bits=16, outputs=chosen)
+            got = {"depth_map": read_image(out / "r" / "syn" / "depth_maps" / f"{scene}.png"),
+                   "depth_index": np.load(out / "r" / "syn" / "depth_indices" / f"{scene}.npy")}
+            assert got["depth_map"].dtype == np.uint16 and got["depth_index"].dtype == np.uint8
+            assert_same_outputs(got, want)
+        again = predict_datasets.main(stack_args(stack_root, weights, out, "--run_name", "r", "--skip_existing",
+                                                 *flags))
+        assert again.datasets[0].skipped == len(GOOD_STACKS)
+
     def test_reader_workers_give_the_same_outputs(self, stack_root, weights, tmp_path):
         out = tmp_path / "out"
         args = stack_args(stack_root, weights, out, "--run_name", "w2", "--batch_size", "2")
@@ -250,18 +289,17 @@ class TestPredictDatasets:
 
 class TestReaderWorkersDefault:
     def test_one_cpu_is_left_to_the_fusion(self):
-        assert [batch_inference.default_workers(c) for c in (1, 2, 3, 5, 64)] == [0, 1, 2, 4, 4]
+        assert [options.default_workers(c) for c in (1, 2, 3, 5, 64)] == [0, 1, 2, 4, 4]
 
     def test_cpus_are_the_affinity_mask_where_there_is_one(self, monkeypatch):
         monkeypatch.setattr(os, "cpu_count", lambda: 64)
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 5, 9}, raising=False)
-        assert batch_inference.available_cpus() == 3
+        assert options.available_cpus() == 3
         monkeypatch.delattr(os, "sched_getaffinity")
-        assert batch_inference.available_cpus() == 64
+        assert options.available_cpus() == 64
 
     def test_a_two_cpu_machine_gets_one_worker_and_no_torch_warning(self, stack_root, weights, tmp_path,
                                                                    monkeypatch):
-        # torch's DataLoader reads the same mask to warn about more workers than CPUs
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
         for script in (predict_datasets, predict_pair_datasets):
             assert script.get_args_parser().parse_args(["--test_root", "x", "--test_datasets", "y"]).num_workers == 1
@@ -276,12 +314,6 @@ class TestReaderWorkersDefault:
 
 # One thread per process: on a busy 2-core machine two threads per process run 30x slower.
 ONE_THREAD = dict(os.environ, OMP_NUM_THREADS="1")
-
-
-def default_sigint():
-    # A test run started in the background (`cmd &`) inherits SIGINT ignored, and Python then
-    # keeps ignoring it; a user's Ctrl-C reaches a process that has the default.
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def run_cli(script, *argv):
@@ -446,41 +478,78 @@ class TestRealData:
                                 render_outputs(fuse_images(model, FusionCard.beside(OFFICIAL), images), images))
 
 
-class TestInterruption:
-    """A real kill of a running predict_datasets.py: only whole files, then a resume finishes."""
+def reader_processes(pid) -> list:
+    """The child processes of ``pid`` (its reader processes), from Linux's /proc."""
+    tasks = Path(f"/proc/{pid}/task")
+    if not tasks.is_dir() or not (tasks / str(pid) / "children").exists():
+        pytest.skip("needs Linux's /proc/<pid>/task/<tid>/children")
+    return [int(c) for task in tasks.iterdir() for c in (task / "children").read_text().split()]
 
-    @pytest.mark.parametrize("how", ["SIGTERM to the process", "Ctrl-C (SIGINT to the group, reader workers)"])
-    def test_killed_process_leaves_whole_files_and_resumes(self, tmp_path, weights, how):
+
+def has_ended(pid) -> bool:
+    """No process ``pid``, or only its zombie (its parent is gone or has not reaped it yet)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+class TestInterruption:
+    """Real signals to a running predict_datasets.py and its reader processes: one line, the right
+    exit status, no hang, only whole files, then a resume finishes."""
+
+    def start(self, tmp_path, weights, workers, scenes=40, slices=4, side=160, threads=1):
+        """The run, once it has written 3 whole scenes (the next one's pass under way), and its readers."""
         import time
-        stacks = tmp_path / "data" / "syn" / "dof_stack"
-        scenes, side = [f"s{k}" for k in range(40)], 160
         # Stacks large enough that the run lasts a few seconds: on a loaded
         # machine a 1-second run could end before the signal is sent.
-        for k, name in enumerate(scenes):
-            write_stack(stacks / name, 4, side, side, seed=k)
-        out = tmp_path / "out"
-        workers = "0" if how.startswith("SIGTERM") else "1"
+        for k in range(scenes):
+            write_stack(tmp_path / "data" / "syn" / "dof_stack" / f"s{k}", slices, side, side, seed=k)
         process = subprocess.Popen(
             [sys.executable, str(REPO / "predict_datasets.py"), "--test_root", str(tmp_path / "data"),
-             "--test_datasets", "syn", "--model_path", str(weights), "--output_dir", str(out),
-             "--run_name", "r", "--num_workers", workers, "--device", "cpu"],
-            cwd=REPO, env=ONE_THREAD, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            start_new_session=True, preexec_fn=default_sigint)
-        fused = out / "r" / "syn" / "fused_images"
+             "--test_datasets", "syn", "--model_path", str(weights), "--output_dir", str(tmp_path / "out"),
+             "--run_name", "r", "--num_workers", str(workers), "--device", "cpu"],
+            cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS=str(threads)), stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True, start_new_session=True, preexec_fn=default_sigint)
+        last_kind = tmp_path / "out" / "r" / "syn" / OUTPUT_KINDS[-1][1]       # each scene's last file
         deadline = time.monotonic() + 120
         while process.poll() is None and time.monotonic() < deadline:
-            if fused.is_dir() and len(list(fused.glob("*.png"))) >= 3:
+            if last_kind.is_dir() and len(list(last_kind.glob("*.png"))) >= 3:     # not the .part files
                 break
             time.sleep(0.01)
         assert process.poll() is None, "the run ended before it could be interrupted"
-        if how.startswith("SIGTERM"):
-            process.send_signal(signal.SIGTERM)
-        else:
-            os.killpg(process.pid, signal.SIGINT)
-        _, stderr = process.communicate(timeout=60)
-        assert process.returncode == 130, stderr[-2000:]
-        assert "Traceback" not in stderr and stderr.rstrip().endswith("interrupted")
+        readers = reader_processes(process.pid)
+        assert len(readers) == workers
+        return process, readers
 
+    @pytest.mark.parametrize("how", [
+        "SIGTERM to the process",
+        "Ctrl-C (SIGINT to the group, reader workers)",
+        # Two torch threads: an interrupt waits for the pass's running jobs, and there, before this change,
+        # the DataLoader's error about its killed worker replaced the interrupt ('inference failed'), and the
+        # run hung on the half message the worker had been sending.
+        "SIGTERM to the group (a scheduler's stop, reader workers, two torch threads)",
+        "SIGTERM to the main process only (`timeout`, reader workers)"])
+    def test_killed_process_leaves_whole_files_and_resumes(self, tmp_path, weights, how):
+        import time
+        out = tmp_path / "out"
+        size = dict(scenes=8, slices=6, side=384, threads=2) if "two torch threads" in how else {}
+        process, readers = self.start(tmp_path, weights, 0 if how == "SIGTERM to the process" else 1, **size)
+        if "group" in how:
+            os.killpg(process.pid, signal.SIGINT if how.startswith("Ctrl-C") else signal.SIGTERM)
+        else:
+            process.send_signal(signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=20)   # no hang: it ends within seconds
+        assert process.returncode == 130, stderr[-2000:]
+        assert stderr.rstrip().endswith("interrupted")
+        for trouble in ("Traceback", "Exception ignored", "terminate called", "failed"):
+            assert trouble not in stdout + stderr, (stdout + stderr)[-2000:]
+        deadline = time.monotonic() + 20
+        while not all(map(has_ended, readers)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert all(map(has_ended, readers)), "a reader process outlived the run"
+
+        side, scenes = size.get("side", 160), size.get("scenes", 40)
         written = [p for p in (out / "r").rglob("*") if p.is_file()]
         assert not [p for p in written if ".part" in p.name]
         for path in written:   # every file that exists decodes whole
@@ -488,14 +557,29 @@ class TestInterruption:
                 assert np.load(path).shape == (side, side)
             else:
                 assert read_image(path).shape[:2] == (side, side)
-        done = [s for s in scenes if batch_inference.is_done(batch_inference.scene_output_paths(out / "r" / "syn", s))]
-        assert 2 <= len(done) < len(scenes)   # the third scene may be cut between its files
+        done = [k for k in range(scenes)
+                if batch_inference.is_done(batch_inference.scene_output_paths(out / "r" / "syn", f"s{k}"))]
+        assert 3 <= len(done) < scenes
 
         resumed = predict_datasets.main(stack_args(tmp_path / "data", weights, out, "--run_name", "r",
                                                    "--skip_existing"))
         report = resumed.datasets[0]
-        assert report.skipped == len(done) and report.skipped + report.fused == len(scenes)
+        assert report.skipped == len(done) and report.skipped + report.fused == scenes
         assert not report.failed and resumed.exit_status == 0
+
+    def test_a_killed_reader_is_replaced_and_the_batch_goes_on(self, tmp_path, weights):
+        """SIGKILL to the reader process, as the out-of-memory killer sends it: a fresh reader
+        reads its scene again, every scene is fused, exit status 0, one line about it."""
+        process, (reader,) = self.start(tmp_path, weights, workers=1)
+        os.kill(reader, signal.SIGKILL)
+        stdout, stderr = process.communicate(timeout=120)  # the rest of the run; before: a hang
+        assert process.returncode == 0, stderr[-2000:]
+        said = [line for line in stdout.splitlines() + stderr.splitlines() if "reader process" in line]
+        assert len(said) == 1 and said[0].endswith(": its reader process was killed by SIGKILL; "
+                                                   "reading it again in a new one"), said
+        assert "Traceback" not in stderr
+        summary = json.loads((tmp_path / "out" / "r" / "summary.json").read_text())["datasets"]["syn"]
+        assert (summary["fused"], summary["failed"]) == (40, {})
 
 
 class TestOutputAndCheckpoint:

@@ -15,9 +15,10 @@ import torch
 from conftest import OFFICIAL_WEIGHTS, PARITY, REPO, requires_official, requires_parity
 from fusion import (TEST_VIEWS, FusionCard, blend, blended_image, card_path, focus_energy, fuse, fuse_colour,
                     gaussian_blur, index_and_depth, soft_weights, view_logits)
-from inference import (DEFAULT_MODEL, add_model_arguments, focus_logits, fuse_gray_batch, fuse_images,
+from inference import (DEFAULT_MODEL, focus_logits, fuse_gray_batch, fuse_images,
                        model_from_args, render_outputs)
 from model import CheckpointError, StackMFFV2, gather_slices, load_model
+from options import add_model_arguments
 from utils import InputError
 
 

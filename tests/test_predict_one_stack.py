@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import REPO, textured_stack
+from conftest import REPO, default_sigint, textured_stack
 from utils import write_image
 
 SCRIPT = str(REPO / "predict_one_stack.py")
@@ -178,3 +178,47 @@ def test_odd_shapes_fuse_through_the_whole_cli(tmp_path, random_weights, num_sli
     for name in OUTPUTS:
         if name.endswith(".png"):
             assert cv2.imread(str(tmp_path / "out" / name), cv2.IMREAD_UNCHANGED).shape[:2] == (height, width)
+
+
+# A Ctrl-C (a real SIGINT to the process) while the network runs, after the output folder was made.
+INTERRUPTED_WHILE_FUSING = """
+import os, signal, sys
+import inference, predict_one_stack
+from cli import run_cli
+
+def fuse_images(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGINT)
+    raise AssertionError("the interrupt did not arrive")
+
+inference.fuse_images = fuse_images
+sys.argv[0] = predict_one_stack.__file__
+run_cli(predict_one_stack.main, predict_one_stack.get_args_parser())
+"""
+
+
+@pytest.mark.parametrize("existed", [False, True])
+def test_ctrl_c_before_any_output_leaves_no_folder_behind(tmp_path, random_weights, existed):
+    """A folder the run made for its outputs is removed when it is interrupted before writing any;
+    one that was there before stays."""
+    stack = write_stack(tmp_path / "stack", textured_stack(3, 32, 32))
+    out = tmp_path / "runs" / "today"
+    if existed:
+        out.mkdir(parents=True)
+    result = subprocess.run([sys.executable, "-c", INTERRUPTED_WHILE_FUSING, "-i", stack, "-o", out,
+                             "--model_path", random_weights, "--device", "cpu"], cwd=REPO, capture_output=True,
+                            text=True, env=ONE_THREAD, timeout=120, preexec_fn=default_sigint)
+    assert result.returncode == 130 and result.stderr == "interrupted\n", result.stderr[-2000:]
+    assert out.is_dir() == existed and (tmp_path / "runs").is_dir() == existed
+    if existed:
+        assert not any(out.iterdir())
+
+
+def test_outputs_writes_only_the_chosen_files(tmp_path, random_weights):
+    stack = write_stack(tmp_path / "stack", textured_stack(3, 32, 40))
+    result = run("-i", stack, "-o", tmp_path / "out", "--model_path", random_weights, "--fixed_names",
+                 "--outputs", "color_fused")
+    assert result.returncode == 0, result.stderr
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["color_fused.png"]
+    bad = run("-i", stack, "-o", tmp_path / "out2", "--outputs", "fused")
+    assert bad.returncode == 2 and "invalid choice: 'fused'" in bad.stderr and bad.stderr.count("\n") == 1
+    assert not (tmp_path / "out2").exists()

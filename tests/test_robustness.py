@@ -1,6 +1,7 @@
 """Hostile input: random bytes, random shapes, odd paths, failing disks."""
 import errno
 import os
+import signal
 
 import cv2
 import numpy as np
@@ -9,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import utils
-from conftest import textured_stack
+from conftest import only_one_process_starts, textured_stack
 from utils import InputError, read_image, read_stack, write_image
 
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -268,16 +269,44 @@ def test_output_folder_equal_to_input_folder_is_refused(tmp_path):
 # ----------------------------------------------------------------------------- batch reader processes
 
 def _die():
-    os.kill(os.getpid(), 9)
+    os.kill(os.getpid(), signal.SIGKILL)      # as the out-of-memory killer ends a process
 
 
-def test_dead_reader_process_is_one_clear_error(tmp_path, random_weights):
-    """A DataLoader worker killed from outside (e.g. out of memory) ends the batch
-    with an InputError that says how to resume, not a traceback."""
+def _stack_and_a_scene_that_kills_its_reader(folder):
+    from batch_inference import Scene
+    from functools import partial
+    folder.mkdir()
+    for k, image in enumerate(textured_stack(2, 32, 32), start=1):
+        utils.write_image(folder / f"{k}.png", image)
+    return [Scene("killer", load=_die), Scene("good", load=partial(utils.read_stack, folder))]
+
+
+def test_a_scene_that_kills_its_reader_fails_alone(tmp_path, random_weights, capsys):
+    """A reader process killed by SIGKILL while it reads a scene is replaced by a fresh one that
+    reads the scene again; killed again, the scene is reported as failed and the batch goes on."""
     import torch
-    from batch_inference import Ranks, Scene, run_dataset
+    from batch_inference import Ranks, run_dataset
     from model import load_model
-    scenes = [Scene("killer", load=_die)]
-    with pytest.raises(InputError, match="reader process died.*--skip_existing"):
+    scenes = _stack_and_a_scene_that_kills_its_reader(tmp_path / "stack")
+    report = run_dataset(load_model(random_weights), torch.device("cpu"), "syn", scenes, tmp_path / "syn",
+                         batch_size=1, num_workers=1, skip_existing=False, ranks=Ranks())
+    assert report.fused == 1 and list(report.failed) == ["killer"]
+    assert report.failed["killer"].startswith("its reader process was killed by SIGKILL each time it read")
+    said = capsys.readouterr()
+    assert "syn/killer: its reader process was killed by SIGKILL; reading it again in a new one" in said.out + said.err
+
+
+def test_a_reader_that_cannot_be_replaced_is_one_clear_error(tmp_path, random_weights, monkeypatch):
+    """No new reader can be started (the process table or memory is full): one InputError that
+    says how to resume."""
+    import torch
+    from batch_inference import Ranks, run_dataset
+    from model import load_model
+    starts = only_one_process_starts(monkeypatch, errno.EAGAIN)
+    scenes = _stack_and_a_scene_that_kills_its_reader(tmp_path / "stack")
+    with pytest.raises(InputError, match=r"^cannot go on reading 'syn': no reader process could be started "
+                                         r"\(Resource temporarily unavailable\); the outputs written so far are "
+                                         r"complete: rerun with --skip_existing"):
         run_dataset(load_model(random_weights), torch.device("cpu"), "syn", scenes, tmp_path / "syn",
-                    batch_size=1, num_workers=1, skip_existing=False, reverse=False, ranks=Ranks())
+                    batch_size=1, num_workers=1, skip_existing=False, ranks=Ranks())
+    assert len(starts) == 2

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from conftest import textured_stack
-from utils import (InputError, depth_colormap, images_by_stem, index_picture, list_images, natural_sort_key,
-                   read_image, read_stack, resize_to_multiple, to_gray_float, write_image, write_npy)
+from utils import (InputError, colour_scale, depth_colormap, images_by_stem, index_picture, list_images,
+                   natural_sort_key, read_image, read_stack, resize_to_multiple, scale_labels, to_gray_float,
+                   to_integer_image, write_image, write_npy)
 
 
 class TestNaturalSort:
@@ -135,6 +136,43 @@ class TestProcessing:
         assert tuple(colours[0, 0]) == (255, 0, 127) and tuple(colours[0, 1]) == (0, 0, 255)
         np.testing.assert_array_equal(index_picture(np.array([[0, 1, 5]]), 6), [[0, 51, 255]])
         np.testing.assert_array_equal(index_picture(np.array([[0]]), 1), [[0]])
+
+    def test_levels_are_rounded_unless_truncation_is_asked_for(self):
+        steps = np.arange(8)[None]                    # 255 / 7 = 36.43 levels per slice
+        np.testing.assert_array_equal(index_picture(steps, 8), [[0, 36, 73, 109, 146, 182, 219, 255]])
+        np.testing.assert_array_equal(index_picture(steps, 8, truncate=True), [[0, 36, 72, 109, 145, 182, 218, 255]])
+        values = np.array([0.0, 0.2 / 255, 0.6 / 255, 1.0, 1.5, -1.0])
+        np.testing.assert_array_equal(to_integer_image(values, np.uint8), [0, 0, 1, 255, 255, 0])
+        np.testing.assert_array_equal(to_integer_image(values, np.uint8, truncate=True), [0, 0, 0, 255, 255, 0])
+        assert to_integer_image(np.array([0.5]), np.uint16)[0] == 32768
+
+
+class TestColourScale:
+    def test_the_map_is_kept_and_the_palette_runs_down_the_strip(self):
+        depth = np.tile(np.linspace(0, 1, 48), (300, 1))
+        picture = depth_colormap(depth)
+        scaled = colour_scale(picture, 8)
+        assert scaled.shape[0] == 300 and scaled.shape[1] > 48 and scaled.dtype == np.uint8
+        np.testing.assert_array_equal(scaled[:, :48], picture)
+        text = 300 // 30
+        bar = scaled[text:300 - text, 48 + text // 2 + text // 2]          # the bar's middle column
+        np.testing.assert_array_equal(bar, depth_colormap(np.linspace(0, 1, len(bar))))
+
+    def test_a_short_picture_is_padded_below_in_white(self):
+        picture = depth_colormap(np.full((4, 600), 0.5))
+        scaled = colour_scale(picture, 3)
+        assert scaled.shape[0] == 80
+        np.testing.assert_array_equal(scaled[:4, :600], picture)
+        assert (scaled[4:, :600] == 255).all()
+
+    def test_labels_name_the_slices_and_the_near_and_far_ends(self):
+        assert scale_labels(8, False, 10, 290, 20) == [(10, "1 near"), (50, "2"), (90, "3"), (130, "4"), (170, "5"),
+                                                        (210, "6"), (250, "7"), (290, "8 far")]
+        assert scale_labels(8, True, 10, 290, 20)[0] == (10, "8 near")
+        assert scale_labels(8, True, 10, 290, 20)[-1] == (290, "1 far")
+        labels = scale_labels(100, False, 10, 290, 20)             # every 10th slice fits 20 rows apart
+        assert [text for _, text in labels] == ["1 near"] + [str(k) for k in range(11, 92, 10)] + ["100 far"]
+        assert min(b - a for (a, _), (b, _) in zip(labels, labels[1:])) >= 20
 
 
 class TestAtomicWrites:
