@@ -56,7 +56,7 @@ from cli import ArgumentParser  # noqa: E402
 from bench import peers  # noqa: E402
 from inference import DEFAULT_MODEL, fuse_images  # noqa: E402
 from make_datasets import lightfield, synthesis  # noqa: E402
-from make_datasets.common import fill_invalid  # noqa: E402
+from make_datasets.common import fill_invalid, write_truth_stack  # noqa: E402
 from make_datasets.make_synthetic import stretch_to_8bit  # noqa: E402
 from fusion import INDEX_RULES, TEST_VIEWS, FusionCard  # noqa: E402
 from model import load_model  # noqa: E402
@@ -314,7 +314,7 @@ def light_field_sets(root, num_slices, cache):
         if not (built / "dof_stack" / folder.name).is_dir() or not (built / "planes" / f"{folder.name}.txt").is_file():
             print(f"building the {num_slices}-slice stack of {folder.name} (cached in {built})")
             result = lightfield.light_field_stack(folder, num_slices, progress=tqdm)
-            lightfield.write_light_field_stack(built, folder.name, result)
+            write_truth_stack(built, folder.name, result)
         slices, _ = read_stack(built / "dof_stack" / folder.name)
         centre = read_image(built / "AiF" / f"{folder.name}.png")
         index = np.rint(read_image(built / "quantized_depth" / f"{folder.name}.png") * ((num_slices - 1) / 255.0))

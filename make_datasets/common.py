@@ -11,6 +11,7 @@ import secrets
 import shutil
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 if __package__ in (None, ""):  # run as a file: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -20,8 +21,8 @@ from scipy import ndimage  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from cli import ArgumentParser  # noqa: E402
-from utils import (InputError, ensure_output_dir, images_by_stem, natural_sort_key, write_bytes,  # noqa: E402
-                   read_image, write_image)
+from utils import (InputError, ensure_output_dir, images_by_stem, index_picture, natural_sort_key,  # noqa: E402
+                   write_bytes, read_image, write_image, write_text)
 
 
 DEPTH_SCALES = ("inverse", "linear")
@@ -256,3 +257,32 @@ def run_batch(items, process, desc, name_of=str):
             print(f"  skipped {name}: {reason}", file=sys.stderr)
         raise InputError(f"{len(failures)} of {len(items)} item(s) failed (listed above)")
     return done
+
+
+# ----------------------------------------------------------------------------- stacks with ground truth
+
+class TruthStack(NamedTuple):
+    """A focus stack with an exact all-in-focus image (light fields, thin-lens renders).
+
+    slices: N images (uint8/uint16, HxW or HxWx3), slice 0 focused nearest;
+    all_in_focus: like a slice; focus_index: int64 HxW in [0, N-1], the slice
+    each pixel is sharpest in; planes: float (N,), where each slice is focused
+    (in the maker's own unit).
+    """
+    slices: list
+    all_in_focus: np.ndarray
+    focus_index: np.ndarray
+    planes: np.ndarray
+
+
+TRUTH_FOLDERS = ("dof_stack", "AiF", "quantized_depth", "planes")
+
+
+def write_truth_stack(root, name: str, stack: TruthStack):
+    """Write one stack in the released layout under ``root``: dof_stack/<name>/1..N.png,
+    AiF/<name>.png, quantized_depth/<name>.png (index k as k / (N-1) x 255), planes/<name>.txt."""
+    stack_dir, aif_dir, index_dir, planes_dir = make_dirs(root, *TRUTH_FOLDERS)
+    write_stack(stack_dir / name, stack.slices, "png")
+    write_image(aif_dir / f"{name}.png", stack.all_in_focus)
+    write_image(index_dir / f"{name}.png", index_picture(stack.focus_index, len(stack.slices)))
+    write_text(planes_dir / f"{name}.txt", "".join(f"{d:.4f}\n" for d in stack.planes))

@@ -30,7 +30,6 @@ plane wins clearly and the index is noisy; there every plane looks alike too.
 import re
 import sys
 from pathlib import Path
-from typing import NamedTuple
 
 if __package__ in (None, ""):  # run as a file: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -39,27 +38,14 @@ import cv2
 import numpy as np
 
 from cli import ArgumentParser  # noqa: E402
-from make_datasets.common import make_dirs, require_dir, run_batch, write_stack
-from utils import (InputError, check_stack, dtype_max, ensure_output_dir, index_picture, is_image_file, list_images, read_image,
-                   run_cli, to_gray_float, write_image, write_text)
+from make_datasets.common import TruthStack, require_dir, run_batch, write_truth_stack
+from utils import (InputError, check_stack, dtype_max, ensure_output_dir, is_image_file, list_images, read_image,
+                   run_cli, to_gray_float)
 
 GRID = 9                       # both formats index a 9 x 9 grid
 CENTRE = (GRID // 2, GRID // 2)
 HCI_NAME = re.compile(r"^input_Cam(\d{3})$")
 LYTRO_NAME = re.compile(r"^.+_(\d{2})_(\d{2})$")
-
-
-class LightFieldStack(NamedTuple):
-    """A focus stack made from one light field.
-
-    slices: N images like the views (uint8/uint16, HxW or HxWx3), slice 0 focused
-    nearest; all_in_focus: the centre view; focus_index: int64 HxW in [0, N-1];
-    planes: float (N,) disparity of each slice in px per grid step.
-    """
-    slices: list
-    all_in_focus: np.ndarray
-    focus_index: np.ndarray
-    planes: np.ndarray
 
 
 def get_args_parser():
@@ -234,8 +220,8 @@ def check_stack_settings(num_slices, search, percentiles, window):
 
 
 def light_field_stack(folder, num_slices: int = 10, search: float = 4.0, percentiles=(2.0, 98.0),
-                      window: float = 2.0, progress=None) -> LightFieldStack:
-    """The focus stack of the light field in ``folder`` (see LightFieldStack).
+                      window: float = 2.0, progress=None) -> TruthStack:
+    """The focus stack of the light field in ``folder`` (see common.TruthStack; planes: disparity in px per grid step).
 
     ``progress`` (e.g. tqdm) wraps the loop over slices when given.
     """
@@ -247,21 +233,7 @@ def light_field_stack(folder, num_slices: int = 10, search: float = 4.0, percent
     planes = plane_disparities(low, high, num_slices)
     loop = progress(planes, desc="refocus", unit="slice", leave=False) if progress else planes
     slices = [refocus(views, float(d)) for d in loop]
-    return LightFieldStack(slices, views[CENTRE], focus_index_of(views, planes, window), planes)
-
-
-# ----------------------------------------------------------------------------- writing
-
-OUTPUT_FOLDERS = ("dof_stack", "AiF", "quantized_depth", "planes")
-
-
-def write_light_field_stack(root, name: str, result: LightFieldStack):
-    """Write one stack in the released layout under ``root`` (see the module's doc)."""
-    stack_dir, aif_dir, index_dir, planes_dir = make_dirs(root, *OUTPUT_FOLDERS)
-    write_stack(stack_dir / name, result.slices, "png")
-    write_image(aif_dir / f"{name}.png", result.all_in_focus)
-    write_image(index_dir / f"{name}.png", index_picture(result.focus_index, len(result.slices)))
-    write_text(planes_dir / f"{name}.txt", "".join(f"{d:.4f}\n" for d in result.planes))
+    return TruthStack(slices, views[CENTRE], focus_index_of(views, planes, window), planes)
 
 
 def main(args):
@@ -271,7 +243,7 @@ def main(args):
 
     def process(folder):
         result = light_field_stack(folder, args.num_slices, args.search, args.percentiles, args.window)
-        write_light_field_stack(root, folder.name, result)
+        write_truth_stack(root, folder.name, result)
         planes = ", ".join(f"{d:.2f}" for d in result.planes)
         print(f"{folder.name}: {len(result.slices)} slices at disparity {planes} px", file=sys.stderr)
 
