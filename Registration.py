@@ -43,6 +43,7 @@ from cli import ArgumentParser
 from options import ALIGN_METHODS
 from utils import (InputError, check_stack, ensure_output_dir, read_stack, refuse_output_into_input, run_cli,
                    to_gray_float, write_image)
+from working_scale import estimate_blur
 
 METHODS = ALIGN_METHODS          # defined in options.py, where --align offers them
 REFERENCES = ("first", "last", "middle", "sharpest")
@@ -56,6 +57,17 @@ MAX_SCALE_CHANGE = 2.0   # a transform that zooms by more than this, either way,
 MAX_SHIFT_FRACTION = 0.25  # ... and so is one that moves the image centre by more than this share of its size
 ECC_MIN_SIZE = 48        # coarsest pyramid level keeps at least this many pixels on its short side
 ECC_MAX_LEVELS = 5
+AUTO_SIDE = 1024         # auto: long side of the copies the motion is measured on
+# auto: a frame that moves less than this anywhere (px at full size) is left exactly as it is. Defocus alone
+# makes ECC report up to 0.4 px on the light fields' aligned stacks (docs/registration.md).
+AUTO_THRESHOLD = 0.5
+# auto: a stack is registered only when some frame moves by more than this share of its blur
+# (working_scale.estimate_blur, px): at occlusions a wide blur shifts what ECC sees by up to 0.22 of it
+# in aligned renders, while real focus breathing measured 0.34 of it and more (docs/registration.md).
+AUTO_MOTION_PER_BLUR = 0.3
+# auto: a registration whose ECC correlation stays under this measured nothing (unrelated frames); real
+# stacks gave 0.64 (microscopy) to 0.99, unrelated noise frames about 0.
+AUTO_MIN_CORRELATION = 0.3
 
 
 class RegistrationWarning(UserWarning):
@@ -124,8 +136,9 @@ def _plausible(transform, shape) -> bool:
 
 # ----------------------------------------------------------------------------- input checks
 
-def _as_frames(images):
-    """A folder / multi-page TIFF path or a list of uint8/uint16 images -> list of frames, checked."""
+def _as_frames(images, min_side: int = 2):
+    """A folder / multi-page TIFF path or a list of uint8/uint16 images -> list of frames, checked
+    (each at least ``min_side`` pixels on its short side)."""
     if isinstance(images, (str, os.PathLike)):
         frames, _ = read_stack(images, min_slices=1)
         return frames
@@ -138,7 +151,7 @@ def _as_frames(images):
             raise InputError(f"frame {k} has {kind} pixels; only 8-bit and 16-bit images can be aligned")
         if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] != 3):
             raise InputError(f"frame {k} has an unsupported shape {image.shape}; expected HxW or HxWx3")
-        if min(image.shape[:2]) < 2:
+        if min(image.shape[:2]) < min_side:
             raise InputError(f"frame {k} is {image.shape[1]}x{image.shape[0]} pixels; "
                              f"registration needs at least 2x2")
     return check_stack(frames, [f"frame {k}" for k in range(len(frames))], "given as a list")
@@ -303,7 +316,7 @@ def released_transforms(grays, reference="first", smoothing_radius=None, progres
                                           borderMode=cv2.BORDER_REPLICATE)) for k in valid}
     to_first = {first: np.eye(3)}   # zoomed frame k -> zoomed frame `first`
     previous = first
-    for k in tqdm(valid[1:], desc="tracking", unit="frame", disable=not progress, leave=False):
+    for k in tqdm(valid[1:], desc="tracking", unit="frame", disable=not progress, leave=False, delay=2):
         step = track_similarity(zoomed[previous], zoomed[k])
         if step is None or not _plausible(step, (h, w)):
             _warn(f"frame {k} cannot be tracked from frame {previous} (too few features); "
@@ -346,12 +359,13 @@ def _ecc_levels(shape) -> int:
     return levels
 
 
-def ecc_register(ref_pyramid, cur_pyramid, init, motion="affine", iterations=100, eps=1e-6):
+def ecc_register(ref_pyramid, cur_pyramid, init, motion="affine", iterations=100, eps=1e-6, min_correlation=0.0):
     """Warp W (3x3, reference pixel -> frame pixel) maximising ECC, coarse to fine.
 
     Pyramids as from ``_pyramid`` (full size first), float32 in [0, 1].
     ``init`` is the starting W at full size. Returns (W, converged) where
-    converged is False when no level converged (W is then ``init``).
+    converged is False when no level converged (W is then ``init``); a level
+    whose correlation stays under ``min_correlation`` counts as not converged.
     """
     motion_type = ECC_MOTIONS[motion]
     levels = len(ref_pyramid)
@@ -362,11 +376,11 @@ def ecc_register(ref_pyramid, cur_pyramid, init, motion="affine", iterations=100
     for level in reversed(range(levels)):
         guess = warp.astype(np.float32) if motion == "homography" else warp[:2].astype(np.float32)
         try:
-            _, found = cv2.findTransformECC(ref_pyramid[level], cur_pyramid[level], guess, motion_type,
-                                            criteria, None, 5)
+            correlation, found = cv2.findTransformECC(ref_pyramid[level], cur_pyramid[level], guess, motion_type,
+                                                      criteria, None, 5)
         except cv2.error:
-            found = None   # no convergence at this level: keep the coarser estimate
-        if found is not None:
+            correlation, found = 0.0, None   # no convergence at this level: keep the coarser estimate
+        if found is not None and correlation >= min_correlation:
             candidate = found.astype(np.float64) if motion == "homography" else _affine3(found)
             if _plausible(candidate, ref_pyramid[level].shape):
                 warp, converged = candidate, True
@@ -375,13 +389,14 @@ def ecc_register(ref_pyramid, cur_pyramid, init, motion="affine", iterations=100
     return warp, converged
 
 
-def ecc_transforms(grays, reference="first", motion="affine", progress=False):
+def ecc_transforms(grays, reference="first", motion="affine", progress=False, min_correlation=0.0):
     """Transforms that register every frame onto one reference frame with ECC.
 
     grays: list of N float32 HxW in [0, 1]. Frames are solved outward from
     the reference, each starting from its already solved neighbour, so large
-    drifts (focus breathing) are followed step by step. Returns N 3x3 float64
-    transforms (input pixel -> output pixel = reference pixel).
+    drifts (focus breathing) are followed step by step; ``min_correlation``
+    as ``ecc_register``'s. Returns N 3x3 float64 transforms (input pixel ->
+    output pixel = reference pixel).
     """
     if motion not in ECC_MOTIONS:
         raise InputError(f"unknown ECC motion '{motion}' (choose from {', '.join(ECC_MOTIONS)})")
@@ -393,12 +408,13 @@ def ecc_transforms(grays, reference="first", motion="affine", progress=False):
     ref_pyramid = _pyramid(grays[ref], levels)
     warps = {ref: np.eye(3)}          # reference pixel -> frame pixel
     order = [(k, k + 1) for k in range(ref - 1, -1, -1)] + [(k, k - 1) for k in range(ref + 1, n)]
-    for k, neighbour in tqdm(order, desc="registering", unit="frame", disable=not progress, leave=False):
+    for k, neighbour in tqdm(order, desc="registering", unit="frame", disable=not progress, leave=False, delay=2):
         start = warps.get(neighbour, np.eye(3))
         if _is_blank(grays[k]):
             _warn(f"frame {k} is blank; it is left as it is")
             continue
-        warp, converged = ecc_register(ref_pyramid, _pyramid(grays[k], levels), start, motion)
+        warp, converged = ecc_register(ref_pyramid, _pyramid(grays[k], levels), start, motion,
+                                       min_correlation=min_correlation)
         if not converged:
             _warn(f"frame {k} could not be registered to frame {ref} (ECC did not converge); "
                   "it is left as it is")
@@ -407,67 +423,161 @@ def ecc_transforms(grays, reference="first", motion="affine", progress=False):
     return [np.linalg.inv(warps[k]) if k in warps else np.eye(3) for k in range(n)]
 
 
+# ----------------------------------------------------------------------------- automatic method
+
+def motion_extent(transform, shape) -> float:
+    """How far (px) ``transform`` moves any pixel of an HxW frame: the largest corner displacement."""
+    corners = _image_corners(shape)
+    return float(np.abs(map_points(transform, corners) - corners).max())
+
+
+def _rescaling(shape, size) -> np.ndarray:
+    """3x3 map from pixel centres of an image of ``shape`` (H, W) to those of its resized copy (h, w)."""
+    sy, sx = size[0] / shape[0], size[1] / shape[1]
+    return np.array([[sx, 0.0, 0.5 * sx - 0.5], [0.0, sy, 0.5 * sy - 0.5], [0.0, 0.0, 1.0]])
+
+
+def auto_transforms(grays, reference="middle", progress=False):
+    """The default registration: every frame onto the reference with ECC (affine, as ``ecc_transforms``),
+    measured on copies of at most AUTO_SIDE px. The stack is registered only when some frame moves by more
+    than AUTO_MOTION_PER_BLUR of the stack's blur (what defocus alone can fake), and then only the frames
+    that move by AUTO_THRESHOLD px or more; the others are left as they are (identity), so an aligned stack
+    comes out untouched."""
+    h, w = grays[0].shape
+    if min(h, w) < ECC_MIN_SIZE:                   # too small to measure a motion on
+        return [np.eye(3)] * len(grays)
+    factor = max(1.0, max(h, w) / AUTO_SIDE)
+    size = (max(2, round(h / factor)), max(2, round(w / factor)))
+    small = grays if factor == 1 else [cv2.resize(g, size[::-1], interpolation=cv2.INTER_AREA) for g in grays]
+    down = _rescaling((h, w), size)
+    found = [np.linalg.inv(down) @ t @ down
+             for t in ecc_transforms(small, reference, "affine", progress, AUTO_MIN_CORRELATION)]
+    extents = [motion_extent(t, (h, w)) for t in found]
+    if max(extents) < max(AUTO_THRESHOLD, AUTO_MOTION_PER_BLUR * estimate_blur(small) * factor):
+        return [np.eye(3)] * len(found)
+    return [t if extent >= AUTO_THRESHOLD else np.eye(3) for t, extent in zip(found, extents)]
+
+
+def describe_motion(transforms, shape, unmeasured: int = 0) -> str:
+    """One line on what registration found: how many frames moved, how far, and their scale;
+    ``unmeasured``: frames whose motion could not be measured (left as they are)."""
+    moved = [(k, t) for k, t in enumerate(transforms) if not _is_identity(t)]
+    lost = f"; {unmeasured} could not be measured and were left as they are" if unmeasured else ""
+    if not moved:
+        return f"align: no slice moved more than defocus alone can show; the slices are used as they are{lost}"
+    scales = [float(np.sqrt(abs(np.linalg.det(t[:2, :2])))) for _, t in moved]
+    farthest = max(motion_extent(t, shape) for _, t in moved)
+    return (f"align: {len(moved)} of {len(transforms)} slices moved (up to {farthest:.1f} px, scale "
+            f"{min(scales):.3f} to {max(scales):.3f}) and were registered{lost}")
+
+
+def warp_stack(frames, transforms, fill=True) -> list:
+    """Every frame resampled by its transform (``warp_frame``). With ``fill``, what a frame leaves
+    uncovered (its content moved inward) is taken from the nearest frame towards an unmoved one,
+    so the border holds real content of a neighbouring focus, not a smear of the frame's edge."""
+    if not fill:
+        return [warp_frame(f, t) for f, t in zip(frames, transforms)]
+    h, w = frames[0].shape[:2]
+    still = [k for k, t in enumerate(transforms) if _is_identity(t)]
+    anchor = still[len(still) // 2] if still else (len(frames) - 1) // 2
+    order = sorted(range(len(frames)), key=lambda k: abs(k - anchor))
+    warped = [None] * len(frames)
+    for k in order:
+        warped[k] = warp_frame(frames[k], transforms[k])
+        if _is_identity(transforms[k]) or k == anchor:
+            continue
+        ones = np.ones((h, w), np.uint8)
+        covered = warp_frame(ones, transforms[k], flags=cv2.INTER_NEAREST, border=cv2.BORDER_CONSTANT) > 0
+        toward = k + 1 if k < anchor else k - 1
+        warped[k][~covered] = warped[toward][~covered]
+    return warped
+
+
 # ----------------------------------------------------------------------------- public API
 
-def warp_frame(image, transform, size=None) -> np.ndarray:
+def warp_frame(image, transform, size=None, flags=cv2.INTER_CUBIC, border=cv2.BORDER_REPLICATE) -> np.ndarray:
     """Resample one uint8/uint16 HxW[x3] frame by ``transform`` (input -> output pixel).
 
-    Bicubic; pixels that come from outside the frame repeat its edge. An
-    identity transform returns an exact copy.
+    Bicubic (``flags``); pixels that come from outside the frame repeat its
+    edge (``border``; BORDER_CONSTANT: zeros). An identity transform returns
+    an exact copy.
     """
     h, w = size or image.shape[:2]
     if _is_identity(transform) and (h, w) == image.shape[:2]:
         return image.copy()
-    flags, border = cv2.INTER_CUBIC, cv2.BORDER_REPLICATE
     if np.allclose(transform[2], [0, 0, 1], rtol=0, atol=1e-12):
         return cv2.warpAffine(image, transform[:2], (w, h), flags=flags, borderMode=border)
     return cv2.warpPerspective(image, transform, (w, h), flags=flags, borderMode=border)
 
 
-def estimate_transforms(images, method="released", reference="first", motion=None,
+def estimate_transforms(images, method="released", reference=None, motion=None,
                         smoothing_radius=None, progress=False):
     """Per-frame 3x3 transforms (input pixel -> output pixel) for a checked stack.
 
     images: list of N uint8/uint16 HxW or HxWx3 frames of one size (or a
     folder / multi-page TIFF path). See ``align_stack`` for the options.
     """
-    frames = _as_frames(images)
+    frames = _as_frames(images, min_side=1 if method == "auto" else 2)
     if method not in METHODS:
         raise InputError(f"unknown registration method '{method}' (choose from {', '.join(METHODS)})")
+    reference = reference or ("middle" if method == "auto" else "first")
     if reference not in REFERENCES:
         raise InputError(f"unknown reference '{reference}' (choose from {', '.join(REFERENCES)})")
     if smoothing_radius is not None and smoothing_radius < 0:
         raise InputError(f"smoothing radius must be 0 or more, not {smoothing_radius}")
-    # an option of the other method would be ignored without a word
-    if method == "ecc" and smoothing_radius is not None:
-        raise InputError("--smoothing_radius applies to --method released only; with --method ecc it has no effect")
-    if method == "released" and motion is not None:
-        raise InputError("--motion applies to --method ecc only; with --method released it has no effect")
+    # an option of another method would be ignored without a word
+    if method != "released" and smoothing_radius is not None:
+        raise InputError(f"--smoothing_radius applies to --method released only; with --method {method} "
+                         "it has no effect")
+    if method != "ecc" and motion is not None:
+        raise InputError(f"--motion applies to --method ecc only; with --method {method} it has no effect")
     if len(frames) == 1:
         return [np.eye(3)]
     grays = [to_gray_float(f) for f in frames]
+    if method == "auto":
+        return auto_transforms(grays, reference, progress)
     if method == "ecc":
         return ecc_transforms(grays, reference, motion or "affine", progress)
     return released_transforms(grays, reference, smoothing_radius, progress)
 
 
-def align_stack(images, method="released", reference="first", motion=None,
+def align_stack(images, method="released", reference=None, motion=None,
                 smoothing_radius=None, progress=False):
     """Register a focus stack; returns the aligned frames.
 
     images: list of N uint8/uint16 HxW (gray) or HxWx3 (BGR) frames of one
     size, or a folder / multi-page TIFF path (read with utils.read_stack).
-    method: 'released' (zoom, then stabilisation) or 'ecc' (every frame onto
-    the reference). reference: 'first', 'last', 'middle' or 'sharpest'.
+    method: 'auto' (ECC on reduced copies onto the reference, frames that
+    hardly move left untouched), 'released' (zoom, then stabilisation) or
+    'ecc' (every frame onto the reference at full size). reference: 'first',
+    'last', 'middle' or 'sharpest' (None: 'middle' for auto, else 'first').
     motion: ECC model, 'affine' (None) or 'homography'. smoothing_radius: released
     method only, None removes all motion, R keeps a (2R+1)-frame moving
-    average of it. Returns N frames with the input's size, dtype and channels.
-    Raises InputError for bad input; frames that cannot be registered get the
-    documented fallback and a RegistrationWarning.
+    average of it. Returns N frames with the input's size, dtype and channels;
+    auto and ecc fill what a moved frame leaves uncovered from its neighbour
+    (``warp_stack``). Raises InputError for bad input; frames that cannot be
+    registered get the documented fallback and a RegistrationWarning.
     """
-    frames = _as_frames(images)
-    transforms = estimate_transforms(frames, method, reference, motion, smoothing_radius, progress)
-    return [warp_frame(f, t) for f, t in zip(frames, transforms)]
+    return align_with_report(images, method, reference, motion, smoothing_radius, progress)[0]
+
+
+def align_with_report(images, method="auto", reference=None, motion=None, smoothing_radius=None,
+                      progress=False):
+    """``align_stack``'s frames and the one line of ``describe_motion`` on what was found. With auto a
+    frame that cannot be registered is counted in that line rather than warned about: in an aligned
+    stack that is common and harmless."""
+    frames = _as_frames(images, min_side=1 if method == "auto" else 2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        transforms = estimate_transforms(frames, method, reference, motion, smoothing_radius, progress)
+    unmeasured = 0
+    for warning in caught:
+        if method == "auto" and issubclass(warning.category, RegistrationWarning):
+            unmeasured += 1
+        else:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    found = describe_motion(transforms, frames[0].shape[:2], unmeasured)
+    return warp_stack(frames, transforms, fill=method != "released"), found
 
 
 # ----------------------------------------------------------------------------- command line
@@ -482,9 +592,11 @@ def get_args_parser():
                     help="replace an output folder that already holds files (all of them) with the new frames")
     reg = parser.add_argument_group("registration")
     reg.add_argument("--method", type=str, choices=METHODS, default="released",
-                     help="released: zoom then stabilisation; ecc: every frame onto the reference")
-    reg.add_argument("--reference", type=str, choices=REFERENCES, default="first",
-                     help="frame whose position (ecc: and geometry) the others are aligned to")
+                     help="released: zoom then stabilisation (default); ecc: every frame onto the reference; "
+                          "auto: ECC on reduced copies, frames that move less than half a pixel untouched")
+    reg.add_argument("--reference", type=str, choices=REFERENCES, default=None,
+                     help="frame whose position (auto, ecc: and geometry) the others are aligned to "
+                          "(default: middle for auto, first for the others)")
     reg.add_argument("--motion", type=str, choices=tuple(ECC_MOTIONS), default=None,
                      help="ecc only: motion model (default affine)")
     reg.add_argument("--smoothing_radius", type=int, default=None,
@@ -535,12 +647,9 @@ def main(args):
     refuse_output_into_input(args.output, args.input, what="output folder (-o)")
     output = check_output_folder(args.output, args.overwrite)
     frames, names = read_stack(args.input, min_slices=1)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", RegistrationWarning)
-        aligned = align_stack(frames, args.method, args.reference, args.motion, args.smoothing_radius,
-                              progress=True)
-    for warning in caught:
-        print(f"warning: {warning.message}", file=sys.stderr)
+    aligned, found = align_with_report(frames, args.method, args.reference, args.motion, args.smoothing_radius,
+                                       progress=True)
+    print(found)
     paths = write_frames(aligned, output)
     h, w = frames[0].shape[:2]
     print(f"aligned {len(frames)} frames of {w}x{h} with the {args.method} method in "

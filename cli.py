@@ -10,6 +10,7 @@ import argparse
 import os
 import signal
 import sys
+import warnings
 
 
 class InputError(Exception):
@@ -54,10 +55,18 @@ def _close_progress_bars():
         bar.close()
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """A warning as one line ``warning: <message>`` on stderr, above any progress bar."""
+    from tqdm import tqdm
+    tqdm.write(f"warning: {message}", file=sys.stderr)
+
+
 def run_cli(main_fn, parser):
     """Parse arguments and run ``main_fn``; the project's own errors become one
-    line on stderr and exit status 2, an interrupt exits 130, never a traceback."""
+    line on stderr and exit status 2, an interrupt exits 130, never a traceback;
+    a warning is one line (``warning: ...``)."""
     args = parser.parse_args()
+    warnings.showwarning = _show_warning
     # SIGTERM (a scheduler, `kill`) unwinds like Ctrl-C, so temporary files are
     # removed and checkpoints stay whole instead of the process dying mid-write.
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)

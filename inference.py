@@ -18,14 +18,16 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from fast_inference import fast_focus_logits
-from fusion import FusionCard, card_from_args, fuse, fuse_colour, view_logits
+from fusion import FusionCard, card_from_args, focus_energy, fuse, fuse_colour, view_logits
 from memory import GIB, available_bytes
 from model import load_model
 # The flags and the output kinds are defined in options.py (torch-free); imported from here too.
 from options import DEFAULT_MODEL, DEPTH_BITS, FUSED_KINDS, OUTPUT_KINDS, OUTPUT_NAMES  # noqa: F401
+from strips import fuse_in_strips
 from tiling import tiled_fuse
-from utils import (colour_scale, depth_colormap, encoder_params, index_picture, next_multiple, resize_back,
-                   resize_to_multiple, stack_to_tensor, to_gray, to_integer_image, write_image, write_npy)
+from utils import (SIZE_MULTIPLE, colour_scale, depth_colormap, encoder_params, index_picture, next_multiple,
+                   resize_back, resize_to_multiple, stack_to_tensor, to_gray, to_integer_image, write_image, write_npy)
+from working_scale import estimate_blur, shrunk, working_factor, working_size
 
 
 def model_from_args(args, device):
@@ -41,7 +43,11 @@ class FusionResult:
     fused_gray: float32 HxW in [0, 1]; depth: float32 HxW in [0, 1];
     index: int64 HxW in [0, N-1]; num_slices: N; card: how it was decoded;
     weights: float32 NxHxW blend weights (summing to 1 over N), None when
-    fused picks by index; the colour image repeats the card's choice.
+    fused picks by index or the colour image is made already; the colour
+    image repeats the card's choice. colour: the colour fused image when
+    the decoding made it (in strips, like the slices), else None.
+    working_factor: how much the network's copy of the stack was shrunk
+    (working_scale.py; 1: not at all).
     """
     fused_gray: np.ndarray
     depth: np.ndarray
@@ -49,6 +55,8 @@ class FusionResult:
     num_slices: int
     card: FusionCard = FusionCard()
     weights: Optional[np.ndarray] = None
+    colour: Optional[np.ndarray] = None
+    working_factor: float = 1.0
 
 
 def focus_logits(model, card: FusionCard, x: torch.Tensor, precision: str = "fp32", fast: bool = True):
@@ -152,14 +160,38 @@ def fuse_images(model, card: FusionCard, images, device=None, max_memory=None, p
     """Fuse one stack given as a list of uint8/uint16 slices (see utils.read_stack), decoded by ``card``
     (``FusionCard.beside(checkpoint)`` for a checkpoint's own; ``model_from_args`` gives both).
 
-    With ``max_memory`` the gray stack stays uint8/uint16 (a quarter of the
-    float32 size) and each tile is converted on the fly.
+    A card with ``network_blur`` shrinks a stack whose blur is wider for the
+    network (``fuse_at_working_scale``). With ``max_memory`` the gray stack
+    stays uint8/uint16 (a quarter of the float32 size) and each tile is
+    converted on the fly.
     """
+    if card.network_blur:
+        gray = np.stack([to_gray(im) for im in images])
+        factor = working_factor(card, estimate_blur(gray), gray.shape[1:])
+        if factor > 1:
+            return fuse_at_working_scale(model, card, images, gray, factor, device, precision)
     if max_memory:
         gray = np.stack([to_gray(im) for im in images])           # (N, H, W) uint8/uint16
         kept = sum(im.nbytes for im in images)                    # the slices stay for colour fusion
         return fuse_gray_batch(model, card, gray[None], device, max_memory, precision, reserved_bytes=kept)[0]
     return fuse_gray_batch(model, card, stack_to_tensor(images), device, precision=precision)[0]
+
+
+def fuse_at_working_scale(model, card: FusionCard, images, gray: np.ndarray, factor: float, device=None,
+                          precision="fp32") -> FusionResult:
+    """Fuse one stack with the network on a copy shrunk by ``factor`` (working_scale.py): area-averaged to
+    the nearest multiples of 32, its logits and (for the focus prior) its sharpness decoded at the
+    input's size in strips (strips.py), with memory of the stack as read and a few full-size maps."""
+    device = device or next(model.parameters()).device
+    size = tuple(max(SIZE_MULTIPLE, round(s / SIZE_MULTIPLE) * SIZE_MULTIPLE)
+                 for s in working_size(gray.shape[1:], factor))
+    x = torch.from_numpy(shrunk(gray, size))[None].to(device)
+    with torch.inference_mode():
+        logits = focus_logits(model, card, x, precision)[0].float().cpu()
+        coarse = focus_energy(x)[0].cpu() if card.focus_prior and card.fusion_temperature else None
+        fused, depth, index, colour = fuse_in_strips(images, gray, logits, card, coarse)
+    return FusionResult(fused_gray=fused, depth=depth, index=index, num_slices=len(images), card=card,
+                        colour=colour, working_factor=factor)
 
 
 def render_outputs(result: FusionResult, images, reverse: bool = False, depth_bits: int = 8,
@@ -189,7 +221,8 @@ def render_outputs(result: FusionResult, images, reverse: bool = False, depth_bi
     render = {   # each computed only when asked for
         "fused_gray": lambda: to_integer_image(result.fused_gray, images[0].dtype, truncate=released),
         "depth_map": lambda: to_integer_image(depth, np.uint16 if depth_bits == 16 else np.uint8, truncate=released),
-        "color_fused": lambda: fuse_colour(images, result.index, result.weights, result.card),
+        "color_fused": lambda: (fuse_colour(images, result.index, result.weights, result.card)
+                                if result.colour is None else result.colour),
         "depth_colormap": colormap,
         "depth_index": lambda: index.astype(np.min_scalar_type(max(n - 1, 0))),
         "depth_index_vis": lambda: index_picture(index, n, truncate=released),

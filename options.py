@@ -45,7 +45,7 @@ DEPTH_BITS = (8, 16)
 # What the GRU convolutions run in (fast_inference.py).
 PRECISIONS = ("fp32", "bf16", "fp16")
 # Registration.py's methods, which --align offers before fusing.
-ALIGN_METHODS = ("released", "ecc")
+ALIGN_METHODS = ("auto", "released", "ecc")
 
 
 # ----------------------------------------------------------------------------- the model card's settings
@@ -71,6 +71,8 @@ TEST_VIEWS = (1, 2, 4, 8)
 
 # Settings that refine a blend; a pick by index (temperature 0) has no use for them.
 BLEND_SETTINGS = ("focus_prior", "depth_window", "base_sigma", "base_weight_sigma")
+# Settings of the scale the network sees a stack at (working_scale.py).
+SCALE_SETTINGS = ("network_blur", "network_min_side")
 
 
 def _number(help_text):
@@ -104,6 +106,12 @@ class CardSettings:
         "help": "the depth output: 'index' as the index rule reads it (released), 'guided' that index smoothed "
                 "by the fused image where the decoding is unsure (continuous, no speckle in flat regions); "
                 "the index output stays the index", "choices": DEPTH_RULES})
+    network_blur: float = _number(
+        "px: a stack whose estimated largest blur is wider than this is shrunk until it is about this wide, "
+        "for the network alone (its logits are decoded at full resolution); 0 runs the network on the stack "
+        "at its own size (released)")
+    network_min_side: float = _number(
+        "px: the shrunk stack keeps at least this long side, the context the network needs; 0: no bound")
 
     def __post_init__(self):
         if self.index_rule not in INDEX_RULES:
@@ -113,7 +121,7 @@ class CardSettings:
         if isinstance(self.views, bool) or self.views not in TEST_VIEWS:
             raise ValueError(f"views must be one of {TEST_VIEWS}, got {self.views!r}")
         object.__setattr__(self, "views", int(self.views))
-        for name in ("fusion_temperature",) + BLEND_SETTINGS:
+        for name in ("fusion_temperature",) + BLEND_SETTINGS + SCALE_SETTINGS:
             value = getattr(self, name)      # a JSON string that parses as a number is still refused
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 0:
                 raise ValueError(f"{name} must be a number >= 0, got {value!r}")   # `not >=`: also NaN
@@ -122,6 +130,9 @@ class CardSettings:
         if not self.fusion_temperature and unused:
             raise ValueError(f"{unused[0]} {getattr(self, unused[0]):g} has no effect with fusion_temperature 0 "
                              "(the fused image picks by index); give a temperature > 0 or leave it out")
+        if self.network_blur and self.index_rule != "argmax":
+            raise ValueError(f"network_blur {self.network_blur:g} needs index_rule argmax (the min-max of "
+                             f"{self.index_rule} spans the whole image, which is decoded in strips)")
 
     @property
     def released(self) -> bool:
@@ -186,10 +197,12 @@ def add_model_arguments(group):
     return group
 
 
-def add_align_argument(group):
+def add_align_argument(group, default: str = "auto"):
     """--align: register the slices before fusing (Registration.align_stack)."""
-    group.add_argument("--align", type=str, choices=("none",) + ALIGN_METHODS, default="none",
-                       help="register the slices before fusing (see docs/registration.md)")
+    group.add_argument("--align", type=str, choices=("none",) + ALIGN_METHODS, default=default,
+                       help="register the slices before fusing: auto corrects focus breathing and a moved camera "
+                            "and leaves an aligned stack untouched; none fuses the slices as they are (released); "
+                            "see docs/registration.md")
 
 
 def add_exposure_argument(group):
@@ -262,7 +275,7 @@ def predict_parser(doc: str, scenes: str) -> ArgumentParser:
         source.add_argument("--every", type=int, default=1,
                             help="keep slices (video frames) 1, K+1, 2K+1, ... of every stack (default: 1, "
                                  "every slice)")
-    add_align_argument(source)
+    add_align_argument(source, "none" if scenes == "pairs" else "auto")    # benchmark pairs come registered
     add_exposure_argument(source)
 
     out = parser.add_argument_group("output")

@@ -29,20 +29,21 @@ def main(args):
     # torch and OpenCV load here, not on import, so that --help answers at once
     from exposure import match_exposure
     from inference import fuse_images, model_from_args, render_outputs, write_outputs
-    from Registration import align_stack
+    from Registration import align_with_report
     from utils import (output_folder, output_format_from_args, read_stack, read_stack_metadata,
                        refuse_output_into_input, select_device)
 
     refuse_output_into_input(args.output_dir, args.input_dir, what="--output_dir")
     device = select_device(args.device)
     fused_suffix, write_options = output_format_from_args(args)
+    model, card = model_from_args(args, device)          # a wrong checkpoint is told before a long read
     images, names = read_stack(args.input_dir, every=args.every)
     if args.align != "none":
-        images = align_stack(images, method=args.align, progress=True)
+        images, found = align_with_report(images, method=args.align, progress=True)
+        print(found)
     if args.match_exposure:
         images, gains = match_exposure(images)
         print(f"matched exposure to slice 1: gains {gains.min():.3f} to {gains.max():.3f}")
-    model, card = model_from_args(args, device)
     with output_folder(args.output_dir) as output_dir:
         start = time.perf_counter()
         result = fuse_images(model, card, images, device, args.max_memory, args.precision)

@@ -20,13 +20,17 @@ import pytest
 from skimage import data
 
 from make_datasets.synthesis import released_stack
+import predict_pair_datasets
 from predict_one_stack import get_args_parser as predict_args_parser
-from Registration import (RegistrationWarning, align_stack, estimate_transforms, map_points, match_zoom,
+from Registration import (RegistrationWarning, align_stack, align_with_report, estimate_transforms, map_points,
+                          match_zoom,
                           sift_features, total_zoom, warp_frame)
 from utils import InputError, read_image, to_gray_float, write_image
 
 from conftest import REPO  # noqa: E402
 OFFICIAL_MODEL = REPO.parent / "shared" / "reference" / "official" / "model.pth"
+LIGHT_FIELD = REPO.parent / "shared" / "data" / "lightfields" / "hci_dino"
+requires_light_field = pytest.mark.skipif(not LIGHT_FIELD.is_dir(), reason=f"needs the light field {LIGHT_FIELD}")
 SIZE = 256           # frame side
 PHOTO_SIZE = 320     # the photo the frames are cut from (room for zoom and shake)
 
@@ -375,10 +379,12 @@ class TestCommandLine:
 
 
 class TestPredictOption:
-    def test_align_flag_defaults_to_none(self):
+    def test_align_flag_defaults_to_auto_for_stacks_and_none_for_pairs(self):
         args = predict_args_parser().parse_args(["--input_dir", "x"])
-        assert args.align == "none"
-        assert predict_args_parser().parse_args(["--input_dir", "x", "--align", "ecc"]).align == "ecc"
+        assert args.align == "auto"
+        assert predict_args_parser().parse_args(["--input_dir", "x", "--align", "none"]).align == "none"
+        pairs = predict_pair_datasets.get_args_parser().parse_args(["--test_root", "r", "--test_datasets", "d"])
+        assert pairs.align == "none"
 
     @pytest.mark.slow
     @pytest.mark.skipif(not OFFICIAL_MODEL.exists(), reason="needs ../shared/reference/official/model.pth")
@@ -398,3 +404,60 @@ class TestPredictOption:
         index = np.load(tmp_path / "out" / "depth_index.npy")
         expected = np.take_along_axis(np.stack(aligned), index[None, :, :, None].astype(np.int64), axis=0)[0]
         assert np.array_equal(fused, expected)
+
+
+class TestAutomaticMethod:
+    """--align auto, the predict scripts' default: registered when the stack moved, untouched when not."""
+
+    @pytest.mark.parametrize("blur", ["released", "physical"])
+    def test_an_aligned_stack_comes_out_bit_identical(self, blur):
+        from make_datasets.synthesis import physical_stack
+        frames, _ = make_stack([1.0] * 6, [0.0] * 6, [(0.0, 0.0)] * 6)       # released blur, no motion
+        if blur == "physical":
+            depth = np.tile(np.linspace(0, 255, SIZE).astype(np.uint8), (SIZE, 1))
+            frames = list(physical_stack(frames[0], depth, 6, max_sigma=4.0)[0])
+        aligned, found = align_with_report(frames, "auto")
+        assert all(np.array_equal(a, f) for a, f in zip(aligned, frames))
+        assert found.startswith("align: no slice moved")
+
+    @requires_light_field
+    def test_a_light_field_stack_comes_out_bit_identical(self):
+        from make_datasets.lightfield import light_field_stack
+        stack = light_field_stack(LIGHT_FIELD, 6)
+        aligned, _ = align_with_report(stack.slices, "auto")
+        assert all(np.array_equal(a, f) for a, f in zip(aligned, stack.slices))
+
+    def test_breathing_and_shake_are_registered_onto_the_middle_frame(self):
+        frames, geometry = make_stack(*shaky_breathing(n=6, zoom=0.04, shake=3.0, turn=0.5, seed=3))
+        transforms = estimate_transforms(frames, method="auto")
+        assert np.allclose(transforms[2], np.eye(3))                       # the middle frame is the reference
+        assert residuals([np.eye(3)] * 6, geometry, 2).max() > 3
+        assert residuals(transforms, geometry, 2).max() <= 0.5
+        aligned, found = align_with_report(frames, "auto")
+        assert found.startswith("align: 5 of 6 slices moved") and "scale 0.9" in found
+
+    def test_the_border_a_frame_leaves_is_filled_from_its_neighbour_not_smeared(self):
+        frames, _ = make_stack(*shaky_breathing(n=5, zoom=0.08, shake=0.0, turn=0.0, seed=0))
+        transforms = estimate_transforms(frames, method="auto")
+        aligned = align_with_report(frames, "auto")[0]
+        # The last frame is the most magnified: shrunk onto the middle one, it leaves a border,
+        # which holds its neighbour's (registered) pixels rather than copies of its own edge.
+        ones = np.ones(frames[0].shape[:2], np.uint8)
+        uncovered = cv2.warpAffine(ones, transforms[4][:2], ones.shape[::-1], flags=cv2.INTER_NEAREST) == 0
+        assert uncovered.mean() > 0.02
+        assert np.array_equal(aligned[4][uncovered], aligned[3][uncovered])
+
+    @pytest.mark.parametrize("side", [1, 8, 40])
+    def test_frames_too_small_to_measure_are_left_as_they_are(self, side):
+        frames = [np.full((side, side, 3), 40 * k, np.uint8) for k in range(3)]
+        aligned, found = align_with_report(frames, "auto")
+        assert all(np.array_equal(a, f) for a, f in zip(aligned, frames)) and "no slice moved" in found
+
+    def test_frames_that_cannot_be_measured_are_counted_not_warned(self):
+        rng = np.random.default_rng(0)
+        frames = [rng.integers(0, 256, (96, 96), dtype=np.uint8) for _ in range(4)]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")                         # any warning fails the test
+            aligned, found = align_with_report(frames, "auto")
+        assert all(np.array_equal(a, f) for a, f in zip(aligned, frames))
+        assert "could not be measured" in found or "no slice moved" in found
