@@ -41,9 +41,9 @@ from tqdm import tqdm
 
 from cli import ArgumentParser
 from options import ALIGN_METHODS
-from utils import (InputError, check_stack, ensure_output_dir, read_stack, refuse_output_into_input, run_cli,
-                   to_gray_float, write_image)
-from working_scale import estimate_blur
+from utils import (IO_THREADS, InputError, check_stack, ensure_output_dir, parallel_map, read_stack,
+                   refuse_output_into_input, run_cli, to_gray, to_gray_float, write_image)
+from working_scale import estimate_blur, shrunk
 
 METHODS = ALIGN_METHODS          # defined in options.py, where --align offers them
 REFERENCES = ("first", "last", "middle", "sharpest")
@@ -437,18 +437,19 @@ def _rescaling(shape, size) -> np.ndarray:
     return np.array([[sx, 0.0, 0.5 * sx - 0.5], [0.0, sy, 0.5 * sy - 0.5], [0.0, 0.0, 1.0]])
 
 
-def auto_transforms(grays, reference="middle", progress=False):
+def auto_transforms(frames, reference="middle", progress=False):
     """The default registration: every frame onto the reference with ECC (affine, as ``ecc_transforms``),
     measured on copies of at most AUTO_SIDE px. The stack is registered only when some frame moves by more
     than AUTO_MOTION_PER_BLUR of the stack's blur (what defocus alone can fake), and then only the frames
     that move by AUTO_THRESHOLD px or more; the others are left as they are (identity), so an aligned stack
     comes out untouched."""
-    h, w = grays[0].shape
+    h, w = frames[0].shape[:2]
     if min(h, w) < ECC_MIN_SIZE:                   # too small to measure a motion on
-        return [np.eye(3)] * len(grays)
+        return [np.eye(3)] * len(frames)
     factor = max(1.0, max(h, w) / AUTO_SIDE)
     size = (max(2, round(h / factor)), max(2, round(w / factor)))
-    small = grays if factor == 1 else [cv2.resize(g, size[::-1], interpolation=cv2.INTER_AREA) for g in grays]
+    # Gray, then shrunk, frame by frame: no full-size float copy of a camera's stack.
+    small = list(np.concatenate(parallel_map(lambda f: shrunk([to_gray(f)], size), frames)))
     down = _rescaling((h, w), size)
     found = [np.linalg.inv(down) @ t @ down
              for t in ecc_transforms(small, reference, "affine", progress, AUTO_MIN_CORRELATION)]
@@ -471,26 +472,29 @@ def describe_motion(transforms, shape, unmeasured: int = 0) -> str:
             f"{min(scales):.3f} to {max(scales):.3f}) and were registered{lost}")
 
 
-def warp_stack(frames, transforms, fill=True) -> list:
-    """Every frame resampled by its transform (``warp_frame``). With ``fill``, what a frame leaves
-    uncovered (its content moved inward) is taken from the nearest frame towards an unmoved one,
-    so the border holds real content of a neighbouring focus, not a smear of the frame's edge."""
-    if not fill:
-        return [warp_frame(f, t) for f, t in zip(frames, transforms)]
+def warp_stack(frames: list, transforms, fill=True) -> list:
+    """Every frame resampled by its transform (``warp_frame``), in place: ``frames`` (a list) gets the
+    warped frames, each replacing its original as soon as it is made, so a camera's stack is never held
+    twice. With ``fill``, what a frame leaves uncovered (its content moved inward) is taken from the
+    nearest frame towards an unmoved one, so the border holds real content of a neighbouring focus,
+    not a smear of the frame's edge. Returns ``frames``."""
+    moved = [k for k, t in enumerate(transforms) if not _is_identity(t)]
+    for start in range(0, len(moved), IO_THREADS):          # a few at a time, side by side
+        batch = moved[start:start + IO_THREADS]
+        for k, warped in zip(batch, parallel_map(lambda k: warp_frame(frames[k], transforms[k]), batch)):
+            frames[k] = warped
+    if not fill or not moved:
+        return frames
     h, w = frames[0].shape[:2]
     still = [k for k, t in enumerate(transforms) if _is_identity(t)]
     anchor = still[len(still) // 2] if still else (len(frames) - 1) // 2
-    order = sorted(range(len(frames)), key=lambda k: abs(k - anchor))
-    warped = [None] * len(frames)
-    for k in order:
-        warped[k] = warp_frame(frames[k], transforms[k])
-        if _is_identity(transforms[k]) or k == anchor:
+    for k in sorted(moved, key=lambda k: abs(k - anchor)):   # neighbours towards the anchor come first
+        if k == anchor:
             continue
         ones = np.ones((h, w), np.uint8)
-        covered = warp_frame(ones, transforms[k], flags=cv2.INTER_NEAREST, border=cv2.BORDER_CONSTANT) > 0
-        toward = k + 1 if k < anchor else k - 1
-        warped[k][~covered] = warped[toward][~covered]
-    return warped
+        uncovered = 1 - warp_frame(ones, transforms[k], flags=cv2.INTER_NEAREST, border=cv2.BORDER_CONSTANT)
+        cv2.copyTo(frames[k + 1 if k < anchor else k - 1], uncovered, frames[k])
+    return frames
 
 
 # ----------------------------------------------------------------------------- public API
@@ -533,9 +537,9 @@ def estimate_transforms(images, method="released", reference=None, motion=None,
         raise InputError(f"--motion applies to --method ecc only; with --method {method} it has no effect")
     if len(frames) == 1:
         return [np.eye(3)]
-    grays = [to_gray_float(f) for f in frames]
     if method == "auto":
-        return auto_transforms(grays, reference, progress)
+        return auto_transforms(frames, reference, progress)
+    grays = [to_gray_float(f) for f in frames]
     if method == "ecc":
         return ecc_transforms(grays, reference, motion or "affine", progress)
     return released_transforms(grays, reference, smoothing_radius, progress)
@@ -562,11 +566,15 @@ def align_stack(images, method="released", reference=None, motion=None,
 
 
 def align_with_report(images, method="auto", reference=None, motion=None, smoothing_radius=None,
-                      progress=False):
+                      progress=False, in_place=False):
     """``align_stack``'s frames and the one line of ``describe_motion`` on what was found. With auto a
     frame that cannot be registered is counted in that line rather than warned about: in an aligned
-    stack that is common and harmless."""
+    stack that is common and harmless. ``in_place``: a list of frames given gets the aligned frames
+    (``warp_stack``), so that a large stack is never held twice."""
     frames = _as_frames(images, min_side=1 if method == "auto" else 2)
+    if in_place and isinstance(images, list) and frames is not images:
+        images[:] = frames                   # the checked frames (gray ones made colour), in the caller's list
+        frames = images
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         transforms = estimate_transforms(frames, method, reference, motion, smoothing_radius, progress)
@@ -577,7 +585,7 @@ def align_with_report(images, method="auto", reference=None, motion=None, smooth
         else:
             warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
     found = describe_motion(transforms, frames[0].shape[:2], unmeasured)
-    return warp_stack(frames, transforms, fill=method != "released"), found
+    return warp_stack(frames if in_place else list(frames), transforms, fill=method != "released"), found
 
 
 # ----------------------------------------------------------------------------- command line

@@ -445,16 +445,19 @@ def fuse_colour(images, index: np.ndarray, weights: Optional[np.ndarray], card: 
             chosen = index == k                                       # (H, W)
             fused[chosen] = images[k][chosen]
         return fused
-    total = np.zeros(images[0].shape, np.float32)
+    total = torch.zeros(images[0].shape, dtype=torch.float32)
     for image, weight in zip(images, weights):
-        planes = image.astype(np.float32)                                  # (H, W[, C])
+        # torch's element-wise kernels use every thread; numpy's one
+        planes = torch.from_numpy(image).float() if image.dtype == np.uint8 else torch.from_numpy(
+            image.astype(np.float32))                                     # (H, W[, C])
         weight = np.ascontiguousarray(weight, dtype=np.float32)
         if card.two_bands:       # _base_band_correction's terms, every channel in one OpenCV call
-            smooth = _filtered_image(weight, card.base_weight_sigma) - weight
-            base = _filtered_image(planes, card.base_sigma)
-            total += base * (smooth[..., None] if image.ndim == 3 else smooth)
-        total += planes * (weight[..., None] if image.ndim == 3 else weight)
-    return np.clip(np.rint(total), 0, dtype_max(images[0].dtype)).astype(images[0].dtype)
+            smooth = torch.from_numpy(_filtered_image(weight, card.base_weight_sigma)).sub_(torch.from_numpy(weight))
+            base = torch.from_numpy(_filtered_image(planes.numpy(), card.base_sigma))
+            total.addcmul_(base, smooth[..., None] if image.ndim == 3 else smooth)
+        weight = torch.from_numpy(weight)
+        total.addcmul_(planes, weight[..., None] if image.ndim == 3 else weight)
+    return total.round_().clamp_(0, dtype_max(images[0].dtype)).numpy().astype(images[0].dtype)
 
 
 def _filtered_image(image: np.ndarray, sigma: float) -> np.ndarray:

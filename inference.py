@@ -26,7 +26,7 @@ from options import DEFAULT_MODEL, DEPTH_BITS, FUSED_KINDS, OUTPUT_KINDS, OUTPUT
 from strips import fuse_in_strips
 from tiling import tiled_fuse
 from utils import (SIZE_MULTIPLE, colour_scale, depth_colormap, encoder_params, index_picture, next_multiple,
-                   resize_back, resize_to_multiple, stack_to_tensor, to_gray, to_integer_image, write_image, write_npy)
+                   parallel_map, resize_back, resize_to_multiple, stack_to_tensor, to_gray, to_integer_image, write_image, write_npy)
 from working_scale import estimate_blur, shrunk, working_factor, working_size
 
 
@@ -234,9 +234,11 @@ def write_outputs(outputs: dict, paths: dict, metadata=None, **encoder_options):
     """Write render_outputs' pictures atomically: ``paths`` maps each stem to a file
     (.npy for the index, an image format otherwise). ``metadata`` (utils.ImageMetadata)
     goes into the colour fused image; encoder_options: utils.encoder_params'."""
-    for stem, path in paths.items():
+    def write(item):
+        stem, path = item
         if Path(path).suffix == ".npy":
             write_npy(path, outputs[stem])
         else:
             write_image(path, outputs[stem], encoder_params(Path(path).suffix, **encoder_options),
                         metadata if stem == "color_fused" else None)
+    parallel_map(write, paths.items())         # the encoders run side by side

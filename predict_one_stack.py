@@ -39,7 +39,7 @@ def main(args):
     model, card = model_from_args(args, device)          # a wrong checkpoint is told before a long read
     images, names = read_stack(args.input_dir, every=args.every)
     if args.align != "none":
-        images, found = align_with_report(images, method=args.align, progress=True)
+        images, found = align_with_report(images, method=args.align, progress=True, in_place=True)
         print(found)
     if args.match_exposure:
         images, gains = match_exposure(images)

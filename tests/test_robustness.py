@@ -229,6 +229,25 @@ def test_decoder_messages_do_not_reach_the_terminal(tmp_path, capfd):
     assert capfd.readouterr().err == "still here\n"
 
 
+def test_decoding_in_threads_gives_descriptor_2_back(tmp_path, capfd):
+    """Slices are decoded in threads, each hiding the decoders' lines: descriptor 2 must come back
+    to the terminal whatever order the threads start and finish in, and corrupt files stay quiet."""
+    for k, image in enumerate(textured_stack(12, 48, 48), start=1):
+        write_image(tmp_path / f"{k}.png", image)
+    (tmp_path / "cut").mkdir()
+    good = cv2.imencode(".png", textured_stack(1, 64, 64)[0])[1].tobytes()
+    for k in range(1, 9):
+        (tmp_path / "cut" / f"{k}.png").write_bytes(good if k % 2 else good[:300])
+    capfd.readouterr()
+    for _ in range(20):
+        assert len(utils.parallel_map(read_image, sorted(tmp_path.glob("*.png")), workers=4)) == 12
+        with pytest.raises(InputError):
+            utils.parallel_map(read_image, sorted((tmp_path / "cut").glob("*.png")), workers=4)
+    assert capfd.readouterr().err == ""
+    os.write(2, b"still here\n")
+    assert capfd.readouterr().err == "still here\n"
+
+
 # ----------------------------------------------------------------------------- writing
 
 def test_interrupt_just_after_the_temporary_file_is_created(tmp_path, monkeypatch):

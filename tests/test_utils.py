@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import textured_stack
-from utils import (InputError, colour_scale, depth_colormap, images_by_stem, index_picture, list_images,
+from utils import (InputError, _rainbow_lut, colour_scale, depth_colormap, images_by_stem, index_picture, list_images,
                    natural_sort_key, read_image, read_stack, resize_to_multiple, scale_labels, to_gray_float,
                    to_integer_image, write_image, write_npy)
 
@@ -136,6 +136,13 @@ class TestProcessing:
         assert tuple(colours[0, 0]) == (255, 0, 127) and tuple(colours[0, 1]) == (0, 0, 255)
         np.testing.assert_array_equal(index_picture(np.array([[0, 1, 5]]), 6), [[0, 51, 255]])
         np.testing.assert_array_equal(index_picture(np.array([[0]]), 1), [[0]])
+
+    @pytest.mark.parametrize("shape", [(37,), (1, 9), (9, 1), (50, 70)])
+    def test_colormap_is_the_palette_at_floor_256_depth_in_any_shape(self, shape):
+        depth = np.random.default_rng(0).uniform(-0.2, 1.2, shape)
+        depth.flat[0] = np.nan                                     # no depth there: the palette's first colour
+        levels = np.clip(np.floor(np.nan_to_num(depth) * 256), 0, 255).astype(int)
+        np.testing.assert_array_equal(depth_colormap(depth), _rainbow_lut()[levels])
 
     def test_levels_are_rounded_unless_truncation_is_asked_for(self):
         steps = np.arange(8)[None]                    # 255 / 7 = 36.43 levels per slice
