@@ -5,7 +5,7 @@ The two scripts differ only in how they find scenes in a dataset folder; this
 module does the rest, once: shard the scenes over torchrun ranks, skip scenes
 already done, read scenes in reader processes (readers.py: a reader that dies
 is replaced), batch stacks of one size and length, run
-inference.fuse_gray_batch, write the released outputs (those of --outputs)
+inference.fuse_stacks, write the released outputs (those of --outputs)
 atomically, time the forward pass and report failures.
 
 Output layout, as released::
@@ -32,12 +32,12 @@ from tqdm import tqdm
 from cli import ArgumentParser
 from exposure import match_exposure
 from fusion import FusionCard
-from inference import FUSED_KINDS, OUTPUT_KINDS, fuse_gray_batch, model_from_args, render_outputs, write_outputs
+from inference import (FUSED_KINDS, OUTPUT_KINDS, fuse_gray_batch, fuse_stacks, model_from_args, render_outputs,
+                       write_outputs)
 from options import OUTPUT_NAMES
 from readers import ReaderDied, ReaderStartError, ReadInOrder
 from Registration import align_stack
-from utils import (InputError, ensure_output_dir, output_format_from_args, select_device, stack_to_tensor,
-                   write_text)
+from utils import InputError, ensure_output_dir, output_format_from_args, select_device, write_text
 
 RUN_PREFIX = "results_"
 SUMMARY_FILE = "summary.json"
@@ -217,11 +217,10 @@ def _fuse_and_write(model, card, device, batch: List[LoadedScene], dataset_dir: 
     """Fuse one batch (one key), write every scene's outputs; a failing batch of
     several is retried stack by stack so that only the culprit is reported."""
     try:
-        gray = torch.cat([stack_to_tensor(s.images) for s in batch])   # (B, N, H, W)
         _synchronize(device)
         start = time.perf_counter()
         kept = sum(im.nbytes for scene in batch for im in scene.images)   # held for colour fusion
-        results = fuse_gray_batch(model, card, gray, device, reserved_bytes=kept, **fuse_options)
+        results = fuse_stacks(model, card, [s.images for s in batch], device, reserved_bytes=kept, **fuse_options)
         _synchronize(device)
         elapsed = time.perf_counter() - start
     except Exception as exc:
@@ -250,7 +249,7 @@ def run_dataset(model, device, dataset: str, scenes: List[Scene], dataset_dir: P
     (default: the released decoding; main passes the checkpoint's), read in ``num_workers``
     reader processes (readers.ReadInOrder).
 
-    fuse_options: keyword arguments for inference.fuse_gray_batch (max_memory, precision);
+    fuse_options: keyword arguments for inference.fuse_stacks (max_memory, precision);
     render: for inference.render_outputs (outputs, reverse, depth_bits, legend)."""
     fuse_options, render = fuse_options or {}, render or {}
     outputs = render.get("outputs", OUTPUT_NAMES)

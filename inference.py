@@ -23,7 +23,7 @@ from memory import GIB, available_bytes
 from model import load_model
 # The flags and the output kinds are defined in options.py (torch-free); imported from here too.
 from options import DEFAULT_MODEL, DEPTH_BITS, FUSED_KINDS, OUTPUT_KINDS, OUTPUT_NAMES  # noqa: F401
-from strips import fuse_in_strips
+from strips import STRIP_BYTES, STRIP_FLOATS_PER_SAMPLE, fuse_in_strips
 from tiling import tiled_fuse
 from utils import (SIZE_MULTIPLE, colour_scale, depth_colormap, encoder_params, index_picture, next_multiple,
                    parallel_map, resize_back, resize_to_multiple, stack_to_tensor, to_gray, to_integer_image, write_image, write_npy)
@@ -148,6 +148,27 @@ def memory_guard(samples: int, available=None):
     return bound
 
 
+# Full-size float maps the strip decoding holds beside the strips (fused, depth, index, confidence, colour).
+FULL_SIZE_MAPS = 8
+
+
+def memory_factor(shape, held: int, max_memory=None, device=None) -> float:
+    """The least shrink (>= 1) of an (N, H, W) stack whose whole-image network pass, beside ``held``
+    bytes, the decoding's strips and maps, fits in ``max_memory`` GiB (CPU: else the memory free).
+    A GPU's memory is not checked here."""
+    n, h, w = shape
+    if (device is not None and torch.device(device).type != "cpu") and not max_memory:
+        return 1.0
+    budget = max_memory * GIB if max_memory else available_bytes()
+    if budget is None:
+        return 1.0
+    strips = min(STRIP_BYTES, 4 * STRIP_FLOATS_PER_SAMPLE * n * h * w)
+    room = 0.9 * budget - held - strips - FULL_SIZE_MAPS * 4 * h * w
+    needed = n * h * w * WHOLE_IMAGE_BYTES_PER_SAMPLE
+    factor = float(np.sqrt(needed / max(room, needed / max(h, w) ** 2)))   # at worst one pixel a slice
+    return max(1.0, factor)
+
+
 def weights_at_size(weights: torch.Tensor, size) -> np.ndarray:
     """Soft fusion weights (N, H', W') at the network's size -> float32 (N, H, W), resized
     bilinearly as the fused image is, and renormalised to sum to 1."""
@@ -165,16 +186,50 @@ def fuse_images(model, card: FusionCard, images, device=None, max_memory=None, p
     stays uint8/uint16 (a quarter of the float32 size) and each tile is
     converted on the fly.
     """
-    if card.network_blur:
-        gray = np.stack([to_gray(im) for im in images])
-        factor = working_factor(card, estimate_blur(gray), gray.shape[1:])
-        if factor > 1:
-            return fuse_at_working_scale(model, card, images, gray, factor, device, precision)
+    factor, gray = working_scale_of(card, images, max_memory, device)
+    if factor > 1:
+        return fuse_at_working_scale(model, card, images, gray, factor, device, precision)
     if max_memory:
-        gray = np.stack([to_gray(im) for im in images])           # (N, H, W) uint8/uint16
+        gray = np.stack([to_gray(im) for im in images]) if gray is None else gray   # (N, H, W) uint8/uint16
         kept = sum(im.nbytes for im in images)                    # the slices stay for colour fusion
         return fuse_gray_batch(model, card, gray[None], device, max_memory, precision, reserved_bytes=kept)[0]
     return fuse_gray_batch(model, card, stack_to_tensor(images), device, precision=precision)[0]
+
+
+def fuse_stacks(model, card: FusionCard, stacks, device=None, max_memory=None, precision="fp32",
+                reserved_bytes=0) -> list:
+    """Fuse stacks of one size and length (lists of slices): each that its blur asks to shrink as
+    ``fuse_images`` does, the others in one batch (``fuse_gray_batch``); results in order."""
+    results, batch = [None] * len(stacks), []
+    for k, images in enumerate(stacks):
+        factor, gray = working_scale_of(card, images, max_memory, device)
+        if factor > 1:
+            results[k] = fuse_at_working_scale(model, card, images, gray, factor, device, precision)
+        else:
+            batch.append(k)
+    if batch:
+        gray = torch.cat([stack_to_tensor(stacks[k]) for k in batch])
+        fused = fuse_gray_batch(model, card, gray, device, max_memory, precision, reserved_bytes=reserved_bytes)
+        for k, result in zip(batch, fused):
+            results[k] = result
+    return results
+
+
+def working_scale_of(card: FusionCard, images, max_memory=None, device=None):
+    """(how much the network's copy of the stack is shrunk, its gray slices (N, H, W) or None):
+    1 and None for a card without ``network_blur``; else the measured blur's factor
+    (working_scale.py), raised where the network's pass would not fit in memory, said in one line."""
+    if not card.network_blur:
+        return 1.0, None
+    gray = np.stack([to_gray(im) for im in images])
+    factor = working_factor(card, estimate_blur(gray), gray.shape[1:])
+    if factor > 1:
+        least = memory_factor(gray.shape, sum(im.nbytes for im in images) + gray.nbytes, max_memory, device)
+        if least > factor:
+            tqdm.write(f"memory: the network sees the stack shrunk {least:.1f} times, not {factor:.1f}, "
+                       f"to fit in {max_memory or available_bytes() / GIB:.1f} GiB")
+            factor = least
+    return factor, gray
 
 
 def fuse_at_working_scale(model, card: FusionCard, images, gray: np.ndarray, factor: float, device=None,

@@ -180,6 +180,17 @@ def memory_bound(text) -> float:
     return value
 
 
+def slice_step(text) -> int:
+    """--every: a whole number of 1 or more, or one usage error (before any stack is read)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of 1 or more, not {text!r}")
+    return value
+
+
 def add_model_arguments(group):
     """Checkpoint, its card's settings, device, memory bound, precision."""
     group.add_argument("--model_path", type=str, default=str(DEFAULT_MODEL),
@@ -272,7 +283,7 @@ def predict_parser(doc: str, scenes: str) -> ArgumentParser:
         source.add_argument("--test_datasets", type=str, nargs="+", required=True,
                             help="dataset folder names under --test_root")
     if scenes != "pairs":                       # a pair has no slices to skip
-        source.add_argument("--every", type=int, default=1,
+        source.add_argument("--every", type=slice_step, default=1,
                             help="keep slices (video frames) 1, K+1, 2K+1, ... of every stack (default: 1, "
                                  "every slice)")
     add_align_argument(source, "none" if scenes == "pairs" else "auto")    # benchmark pairs come registered

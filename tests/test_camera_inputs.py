@@ -329,7 +329,7 @@ class TestCommandLine:
         ("one_frame_video", "has 1 image(s); at least 2 are needed"),
         ("jpeg_quality_without_jpeg", "--jpeg_quality applies to --output_format jpeg only"),
         ("tiff_compression_without_tiff", "--tiff_compression applies to --output_format tiff only"),
-        ("every_zero", "--every must be 1 or more, not 0"),
+        ("every_zero", "--every: must be a whole number of 1 or more, not '0'"),
     ])
     def test_bad_camera_input_is_one_line_and_exit_2(self, tmp_path, random_weights, monkeypatch, capsys, case,
                                                        words):

@@ -142,3 +142,16 @@ def test_max_memory_must_be_a_positive_number_of_gib(value, tmp_path):
     assert answer.stderr == (f"error: argument --max_memory: must be a number of GiB above 0, got '{value}' "
                              f"(see predict_one_stack.py --help)\n")
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("script", ["predict_one_stack.py", "predict_datasets.py"])
+@pytest.mark.parametrize("value", ["0", "-2", "two"])
+def test_every_must_be_a_whole_number_of_one_or_more(script, value, tmp_path):
+    """A bad --every is a usage error before anything is read (predict_datasets.py used to fail every scene)."""
+    source = ["-i", str(tmp_path)] if script == "predict_one_stack.py" else ["--test_root", str(tmp_path),
+                                                                             "--test_datasets", "d"]
+    answer = subprocess.run([sys.executable, str(REPO / script), *source, "--every", value, "-o",
+                             str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert answer.returncode == 2 and answer.stderr.count("\n") == 1
+    assert f"argument --every: must be a whole number of 1 or more, not '{value}'" in answer.stderr
+    assert not (tmp_path / "out").exists()

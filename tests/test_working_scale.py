@@ -127,3 +127,38 @@ class TestShrunkStacks:
         assert psnr(shrunk.fused_gray, truth) >= native - 1.5
         assert psnr(shrunk.fused_gray, truth) >= psnr(whole.fused_gray, truth) + 10
         assert shrunk.colour.shape == upscaled[0].shape and shrunk.index.shape == truth.shape
+
+
+def test_a_memory_bound_shrinks_the_network_further():
+    """Where the network pass at the blur's scale would not fit, the stack is shrunk until it does."""
+    from inference import WHOLE_IMAGE_BYTES_PER_SAMPLE, memory_factor
+    from memory import GIB
+    n, h, w = 8, 2000, 3000
+    assert memory_factor((n, h, w), 0, max_memory=64) == 1.0
+    bound = 1.0                                                          # GiB
+    factor = memory_factor((n, h, w), 100 * 1024 ** 2, max_memory=bound)
+    room = 0.9 * bound * GIB - 100 * 1024 ** 2 - 512 * 1024 ** 2 - 8 * 4 * h * w
+    assert factor > 1 and n * (h / factor) * (w / factor) * WHOLE_IMAGE_BYTES_PER_SAMPLE == pytest.approx(room)
+    stack = gaussian_stack(textured_image(np.random.default_rng(5), 320), 6.0, n=4)
+    model = load_model(DEFAULT_MODEL)
+    card = FusionCard.beside(DEFAULT_MODEL).with_overrides(network_min_side=64)
+    free = fuse_images(model, card, list(stack))
+    bounded = fuse_images(model, card, list(stack), max_memory=0.03)
+    assert free.working_factor > 1 and bounded.working_factor > free.working_factor
+    assert bounded.fused_gray.shape == (320, 320)
+
+
+def test_a_batch_shrinks_each_stack_as_its_own_blur_asks():
+    """predict_datasets.py's batches (inference.fuse_stacks): a wide-blur and a narrow-blur stack of one
+    size come out as each alone would (fuse_images), the one shrunk, the other not."""
+    from inference import fuse_stacks
+    image = textured_image(np.random.default_rng(6), 256)
+    wide, narrow = gaussian_stack(image, 8.0, n=4), gaussian_stack(image, 1.0, n=4)
+    model = load_model(DEFAULT_MODEL)
+    card = FusionCard.beside(DEFAULT_MODEL).with_overrides(network_min_side=64)
+    batch = fuse_stacks(model, card, [list(wide), list(narrow)])
+    alone = [fuse_images(model, card, list(wide)), fuse_images(model, card, list(narrow))]
+    assert batch[0].working_factor > 1 and batch[1].working_factor == 1
+    for got, want in zip(batch, alone):
+        np.testing.assert_allclose(got.fused_gray, want.fused_gray, atol=1e-6)
+        np.testing.assert_array_equal(got.index, want.index)
