@@ -442,7 +442,8 @@ def auto_transforms(frames, reference="middle", progress=False):
     measured on copies of at most AUTO_SIDE px. The stack is registered only when some frame moves by more
     than AUTO_MOTION_PER_BLUR of the stack's blur (what defocus alone can fake), and then only the frames
     that move by AUTO_THRESHOLD px or more; the others are left as they are (identity), so an aligned stack
-    comes out untouched."""
+    comes out untouched. Whether it moved is first measured on copies half as large (a quarter of the
+    work): only a stack that moved is measured again at AUTO_SIDE."""
     h, w = frames[0].shape[:2]
     if min(h, w) < ECC_MIN_SIZE:                   # too small to measure a motion on
         return [np.eye(3)] * len(frames)
@@ -450,13 +451,24 @@ def auto_transforms(frames, reference="middle", progress=False):
     size = (max(2, round(h / factor)), max(2, round(w / factor)))
     # Gray, then shrunk, frame by frame: no full-size float copy of a camera's stack.
     small = list(np.concatenate(parallel_map(lambda f: shrunk([to_gray(f)], size), frames)))
-    down = _rescaling((h, w), size)
-    found = [np.linalg.inv(down) @ t @ down
-             for t in ecc_transforms(small, reference, "affine", progress, AUTO_MIN_CORRELATION)]
+    threshold = max(AUTO_THRESHOLD, AUTO_MOTION_PER_BLUR * estimate_blur(small) * factor)
+    half = (size[0] // 2, size[1] // 2)
+    if min(half) >= ECC_MIN_SIZE:
+        check = _motion((h, w), list(shrunk(small, half)), reference, progress)
+        if max(motion_extent(t, (h, w)) for t in check) < threshold:
+            return [np.eye(3)] * len(frames)
+    found = _motion((h, w), small, reference, progress)
     extents = [motion_extent(t, (h, w)) for t in found]
-    if max(extents) < max(AUTO_THRESHOLD, AUTO_MOTION_PER_BLUR * estimate_blur(small) * factor):
+    if max(extents) < threshold:
         return [np.eye(3)] * len(found)
     return [t if extent >= AUTO_THRESHOLD else np.eye(3) for t, extent in zip(found, extents)]
+
+
+def _motion(shape, small, reference, progress):
+    """auto's ECC transforms of gray copies ``small`` (float, one size), at the full ``shape``."""
+    down = _rescaling(shape, small[0].shape)
+    return [np.linalg.inv(down) @ t @ down
+            for t in ecc_transforms(small, reference, "affine", progress, AUTO_MIN_CORRELATION)]
 
 
 def describe_motion(transforms, shape, unmeasured: int = 0) -> str:
