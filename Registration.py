@@ -30,7 +30,6 @@ docs/registration.md; bad input raises ``utils.InputError``.
 import os
 import secrets
 import shutil
-import sys
 import time
 import warnings
 from pathlib import Path

@@ -327,11 +327,9 @@ def blend(stack: torch.Tensor, weights: torch.Tensor, card: FusionCard) -> torch
     return fused + _base_band_correction(stack, weights, card).sum(dim=1, keepdim=True)
 
 
-def blended_image(stack: torch.Tensor, logits: torch.Tensor, card: FusionCard,
-                  coarse_energy: Optional[torch.Tensor] = None):
-    """The card's blend of a gray stack: (fused (B, 1, H, W) float32, weights (B, N, H, W));
-    ``coarse_energy`` as ``soft_weights``'."""
-    weights = soft_weights(stack, logits, card, coarse_energy)
+def blended_image(stack: torch.Tensor, logits: torch.Tensor, card: FusionCard):
+    """The card's blend of a gray stack: (fused (B, 1, H, W) float32, weights (B, N, H, W))."""
+    weights = soft_weights(stack, logits, card)
     return blend(stack, weights, card), weights
 
 
@@ -416,13 +414,12 @@ class Fused(NamedTuple):
     weights: Optional[torch.Tensor]
 
 
-def fuse(stack: torch.Tensor, logits: torch.Tensor, card: FusionCard,
-         coarse_energy: Optional[torch.Tensor] = None) -> Fused:
-    """Gray stack (B, N, H, W) in [0, 1] and its (view-averaged) focus logits -> the card's outputs;
-    ``coarse_energy`` as ``soft_weights``' (for logits of a shrunk stack, resized back)."""
+def fuse(stack: torch.Tensor, logits: torch.Tensor, card: FusionCard) -> Fused:
+    """Gray stack (B, N, H, W) in [0, 1] and its (view-averaged) focus logits -> the card's outputs
+    (a stack the network saw shrunk is decoded by strips.fuse_in_strips with the same rules)."""
     index, depth = index_and_depth(logits, card.index_rule)
     if card.fusion_temperature:
-        fused, weights = blended_image(stack, logits, card, coarse_energy)
+        fused, weights = blended_image(stack, logits, card)
     else:
         fused, weights = gather_slices(stack, index), None
     if card.refines_depth:

@@ -26,7 +26,8 @@ from options import DEFAULT_MODEL, DEPTH_BITS, FUSED_KINDS, OUTPUT_KINDS, OUTPUT
 from strips import STRIP_BYTES, STRIP_FLOATS_PER_SAMPLE, fuse_in_strips
 from tiling import tiled_fuse
 from utils import (SIZE_MULTIPLE, colour_scale, depth_colormap, encoder_params, index_picture, next_multiple,
-                   parallel_map, resize_back, resize_to_multiple, stack_to_tensor, to_gray, to_integer_image, write_image, write_npy)
+                   parallel_map, resize_back, resize_to_multiple, stack_to_tensor, to_gray, to_integer_image,
+                   write_image, write_npy)
 from working_scale import estimate_blur, shrunk, working_factor, working_size
 
 
@@ -186,31 +187,30 @@ def fuse_images(model, card: FusionCard, images, device=None, max_memory=None, p
     stays uint8/uint16 (a quarter of the float32 size) and each tile is
     converted on the fly.
     """
-    factor, gray = working_scale_of(card, images, max_memory, device)
-    if factor > 1:
-        return fuse_at_working_scale(model, card, images, gray, factor, device, precision)
-    if max_memory:
-        gray = np.stack([to_gray(im) for im in images]) if gray is None else gray   # (N, H, W) uint8/uint16
-        kept = sum(im.nbytes for im in images)                    # the slices stay for colour fusion
-        return fuse_gray_batch(model, card, gray[None], device, max_memory, precision, reserved_bytes=kept)[0]
-    return fuse_gray_batch(model, card, stack_to_tensor(images), device, precision=precision)[0]
+    kept = sum(im.nbytes for im in images)                        # the slices stay for colour fusion
+    return fuse_stacks(model, card, [images], device, max_memory, precision, reserved_bytes=kept)[0]
 
 
 def fuse_stacks(model, card: FusionCard, stacks, device=None, max_memory=None, precision="fp32",
                 reserved_bytes=0) -> list:
-    """Fuse stacks of one size and length (lists of slices): each that its blur asks to shrink as
-    ``fuse_images`` does, the others in one batch (``fuse_gray_batch``); results in order."""
+    """Fuse stacks of one size and length (lists of slices): each that its blur asks to shrink on its own
+    (``fuse_at_working_scale``), the others in one batch (``fuse_gray_batch``: with ``max_memory`` their
+    gray slices stay uint8/uint16, ``reserved_bytes`` counted as held); results in order."""
     results, batch = [None] * len(stacks), []
     for k, images in enumerate(stacks):
         factor, gray = working_scale_of(card, images, max_memory, device)
         if factor > 1:
             results[k] = fuse_at_working_scale(model, card, images, gray, factor, device, precision)
         else:
-            batch.append(k)
+            batch.append((k, gray))
     if batch:
-        gray = torch.cat([stack_to_tensor(stacks[k]) for k in batch])
+        if max_memory:
+            gray = np.stack([np.stack([to_gray(im) for im in stacks[k]]) if gray is None else gray
+                             for k, gray in batch])                                    # (B, N, H, W) integers
+        else:
+            gray = torch.cat([stack_to_tensor(stacks[k]) for k, _ in batch])          # (B, N, H, W) floats
         fused = fuse_gray_batch(model, card, gray, device, max_memory, precision, reserved_bytes=reserved_bytes)
-        for k, result in zip(batch, fused):
+        for (k, _), result in zip(batch, fused):
             results[k] = result
     return results
 

@@ -7,12 +7,10 @@ strip, grown by what the card's decoding reaches (``FusionCard.halo``),
 gets its slices converted to float, the logits and the blend's network
 scores resized to it from the network's size, and fusion.py's rules decode
 it; its interior is kept. Every strip's interior is what the whole image's
-decoding gives there (the strips are grown by all the rules reach). A guided depth is filtered
-last, on the full-size fused image, index and confidence, box by box
-(``tiling.refined_tiles``), as the tiled path does.
+decoding gives there (the strips are grown by all the rules reach). A
+guided depth is filtered last, on the full-size fused image, index and
+confidence, box by box (``tiling.refined_tiles``), as the tiled path does.
 """
-from dataclasses import replace
-
 import numpy as np
 import torch
 

@@ -28,7 +28,6 @@ Scenes are named ``thinlens_<seed>_<k>_blur<R>``; the same seed gives the
 same scenes. Render only from training photographs (never from the light
 fields, which are the validation set of real optics).
 """
-import argparse
 import math
 import sys
 from pathlib import Path
@@ -39,6 +38,7 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
 import cv2
 import numpy as np
 
+from cli import ArgumentParser  # noqa: E402
 from make_datasets.common import TruthStack, find_files, require_dir, run_batch, write_truth_stack
 from utils import InputError, PLAIN_IMAGE_EXTENSIONS, ensure_output_dir, run_cli
 
@@ -47,7 +47,7 @@ FOV_DEGREES = 40.0              # horizontal field of view
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     io = parser.add_argument_group("input and output")
     io.add_argument("--image_dir", type=str, required=True,
                     help="photographs to put on the cards (searched recursively; training images only)")
@@ -212,7 +212,7 @@ def main(args):
     check_settings(args)
     _import_mitsuba()                       # say what to install before anything is read
     root_dir = require_dir(args.image_dir, "--image_dir")
-    files = sorted({p for p in find_files(root_dir, "**/*", "--image_dir") if p.suffix.lower() in PLAIN_IMAGE_EXTENSIONS})
+    files = [p for p in find_files(root_dir, "**/*", "--image_dir") if p.suffix.lower() in PLAIN_IMAGE_EXTENSIONS]
     if not files:
         raise InputError(f"--image_dir '{args.image_dir}' holds no photographs")
     photos = [(path, photo_size(path)) for path in files]

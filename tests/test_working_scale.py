@@ -100,6 +100,21 @@ class TestStrips:
         np.testing.assert_allclose(fused, whole.fused[0, 0].numpy(), atol=1e-5)
         np.testing.assert_array_equal(index, whole.index[0].numpy())
 
+    def test_at_the_network_size_the_strips_blend_by_soft_weights(self):
+        """With logits and coarse energy at full size nothing is resized: the strips' blend must be
+        fusion.blend by fusion.soft_weights with the coarse energy, the prior shared between scales."""
+        from fusion import blend, soft_weights
+        rng = np.random.default_rng(7)
+        logits = torch.from_numpy(rng.normal(0, 3, (self.n, self.h, self.w)).astype(np.float32))
+        coarse = torch.from_numpy(rng.random((self.n, self.h, self.w)).astype(np.float32) * 0.01)
+        card = self.card.with_overrides(depth_rule="index")
+        fused, _, _, _ = fuse_in_strips(self.images, self.gray, logits, card, coarse, rows=9)
+        x = torch.from_numpy(self.gray.astype(np.float32) / 255)[None]
+        want = blend(x, soft_weights(x, logits[None], card, coarse[None]), card)[0, 0].numpy()
+        np.testing.assert_allclose(fused, want, atol=1e-5)
+        without = blend(x, soft_weights(x, logits[None], card), card)[0, 0].numpy()
+        assert np.abs(fused - without).max() > 1e-3                      # the coarse share does count
+
     def test_strip_height_follows_the_memory_budget(self):
         assert strip_rows(30, 6000, 8, budget=512 * 1024 ** 2) == 46
         assert strip_rows(1000, 6000, 8, budget=512 * 1024 ** 2) == 16            # never below the floor
@@ -162,3 +177,17 @@ def test_a_batch_shrinks_each_stack_as_its_own_blur_asks():
     for got, want in zip(batch, alone):
         np.testing.assert_allclose(got.fused_gray, want.fused_gray, atol=1e-6)
         np.testing.assert_array_equal(got.index, want.index)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_16_bit_and_gray_stacks_keep_their_type_when_shrunk(channels):
+    image = cv2.resize(textured_image(np.random.default_rng(8), 96), (384, 384), interpolation=cv2.INTER_CUBIC)
+    stack = [s.astype(np.uint16) * 257 for s in gaussian_stack(image, 10.0, n=4)]
+    if channels == 3:
+        stack = [cv2.merge([s, s, s]) for s in stack]
+    card = FusionCard.beside(DEFAULT_MODEL).with_overrides(network_min_side=64)
+    result = fuse_images(load_model(DEFAULT_MODEL), card, stack)
+    assert result.working_factor > 1
+    assert result.colour.dtype == np.uint16 and result.colour.shape == stack[0].shape
+    sharp = stack[0].astype(np.float64)                                  # slice 0 is the sharp one everywhere
+    assert np.abs(result.colour.astype(np.float64) - sharp).mean() < 0.02 * 65535
